@@ -1,0 +1,93 @@
+"""Entry point: `python -m mae_scale.pretrain --config demo key.sub=value ...`, or under `deepspeed`.
+
+Parse, validate (before any work), build, train, close. Everything else lives in mae_scale/train/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mae_scale.config import Config, ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mae_scale.pretrain", description=__doc__)
+    p.add_argument("--config", required=True, help="preset name (demo, vit_b, vit_l, ...) or a YAML path")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from RUN/checkpoints/latest if present; none: start fresh; "
+                        "or a checkpoint tag/path")
+    p.add_argument("--overwrite", action="store_true", help="with --resume none: allow an existing run folder")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_hint = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = Config.load(args.config, args.overrides)
+        if cfg.data.shards == "shards/demo" and not os.path.exists("shards/demo/manifest.json"):
+            from mae_scale.data.demo import ensure_demo_shards
+
+            ensure_demo_shards("shards/demo")
+        if cfg.train.global_batch_size:
+            cfg.validate(world_size=world_hint)
+            cfg.train.batch_size = cfg.train.global_batch_size // (world_hint * cfg.train.grad_accum)
+        cfg.validate(world_size=world_hint)
+        from mae_scale.train.engine import build_ds_config
+
+        build_ds_config(cfg, world_hint)  # a conflicting DeepSpeed file fails here, before any work
+        resume = _resume_choice(cfg, args)
+    except ConfigError as e:
+        print(f"mae_scale.pretrain: {e}", file=sys.stderr)
+        return 2
+
+    from mae_scale.data.loader import build_loader
+    from mae_scale.train import dist as D
+    from mae_scale.train.engine import build_engine
+    from mae_scale.train.loop import train
+
+    rank, _, world = D.init_distributed()
+    try:
+        if rank == 0:
+            cfg.save(cfg.run_dir / "config.yaml")
+        built = build_engine(cfg, world)
+        loader = build_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed, rank=rank,
+                              world_size=world)
+        summary = train(cfg, built, loader, rank=rank, world_size=world, resume=resume)
+        if summary["last_clips"] is not None and not summary["stopped_by_signal"]:
+            from mae_scale.viz import save_training_reconstruction
+
+            path = save_training_reconstruction(cfg, built, summary["last_clips"], rank=rank)
+            if path is not None:
+                print(f"[mae-scale] done at step {summary['step']}; reconstructions: {path}", file=sys.stderr)
+    finally:
+        D.shutdown()
+    return 0
+
+
+def _resume_choice(cfg: Config, args: argparse.Namespace) -> str | None:
+    """auto -> None (newest usable); none -> "none" (refuses an existing run unless --overwrite); else a tag."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    if args.resume == "auto":
+        return None
+    if args.resume == "none":
+        if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.overwrite:
+            raise ConfigError(f"--resume none: {cfg.run_dir} already holds checkpoints; pass --overwrite to start "
+                              "over in it, or choose another run.name")
+        if ckpt_dir.exists() and args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+            import shutil
+
+            shutil.rmtree(ckpt_dir)
+        return "none"
+    tag = os.path.basename(os.path.normpath(args.resume))
+    if not (ckpt_dir / tag).is_dir():
+        raise ConfigError(f"--resume {args.resume!r}: no checkpoint {ckpt_dir / tag}")
+    return tag
+
+
+if __name__ == "__main__":
+    sys.exit(main())

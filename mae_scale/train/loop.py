@@ -1,0 +1,191 @@
+"""The pretraining loop: fixed steps on every rank, agreed decisions, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mae_scale.config import Config
+from mae_scale.train import dist as D
+from mae_scale.train.checkpoint import Checkpointer
+from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
+from mae_scale.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second: exit at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print(f"[mae-scale] second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.requested = True
+        print(f"[mae-scale] {signal.Signals(signum).name}: will checkpoint after this step and exit",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def normalize_clips(clips: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, C, T, H, W) -> normalized `dtype` on the accelerator (4x less host-to-device traffic)."""
+    x = clips.to(D.device(), non_blocking=True).float().div_(255.0)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1, 1)
+    return ((x - m) / s).to(dtype)
+
+
+def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resume: str | None) -> dict:
+    """Run to cfg.train.steps (or until a stop signal); returns a summary."""
+    from mae_scale.model.flops import train_step_flops
+
+    engine = built.engine
+    run_dir = cfg.run_dir
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=rank, world_size=world_size,
+                        log=_rank0_print if rank == 0 else (lambda *_: None))
+    start_step, replay_note = 0, ""
+    restored = ckpt.load(engine, resume) if resume != "none" else None
+    if restored is not None:
+        tag, state = restored
+        start_step = int(engine.global_steps)
+        if "other_world" in state:
+            replay_note = loader.load_state_from_other_world(state["other_world"], rank=rank)
+        else:
+            loader.load_state_dict(state["loader"])
+            replay_note = "data stream continues exactly"
+    dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
+    peak, peak_source = device_peak_tflops(built.precision, cfg.log.peak_tflops)
+    flops_per_clip = train_step_flops(model_kwargs(cfg), batch_size=1, mask_ratio=cfg.model.mask_ratio)
+    metrics = MetricsLogger(run_dir, cfg.to_dict(), enabled=rank == 0, wandb_mode=cfg.log.wandb,
+                            project=cfg.log.wandb_project, total_steps=cfg.train.steps, start_step=start_step,
+                            resumed=restored is not None)
+    if restored is not None:
+        metrics.info(f"[mae-scale] resumed from {run_dir / 'checkpoints' / restored[0]} at step {start_step}: "
+                     f"{replay_note}")
+    metrics.info(f"[mae-scale] attention={engine.module.attention_backend} precision={built.precision} "
+                 f"zero_stage={engine.zero_optimization_stage()} ranks={world_size} "
+                 f"clips/step={built.clips_per_step} peak_lr={built.peak_lr:.3g} "
+                 f"peak={peak:.1f} TFLOP/s ({peak_source})")
+    sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
+
+    stop = StopSignal()
+    step = start_step
+    window = _Window()
+    last_save_time = time.monotonic()
+    consecutive_nonfinite = skipped_total = 0
+    micro_clips = clips_per_micro_step(cfg)
+    it = iter(loader)
+    stopped_by_signal = False
+    last_clips = None
+    try:
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batch = next(it)
+            t_data = time.perf_counter() - t0
+            last_clips = batch["clips"]
+            clips = normalize_clips(batch["clips"], cfg.data.mean, cfg.data.std, dtype)
+            loss, _, _ = engine(clips)
+            loss_value = loss.item()  # syncs: needed to agree on skipping a non-finite step before backward
+            finite = math.isfinite(loss_value)
+            minutes_due = (cfg.checkpoint.every_minutes > 0 and rank == 0
+                           and time.monotonic() - last_save_time > 60 * cfg.checkpoint.every_minutes)
+            loss_sum, nonfinite, stops, time_due = D.all_reduce_sum(
+                [loss_value if finite else 0.0, 0.0 if finite else 1.0, float(stop.requested), float(minutes_due)])
+            stop.requested = stop.requested or stops > 0
+            if sample_log is not None:
+                sample_log.write(json.dumps({"step": step, "keys": batch["keys"], "skipped": nonfinite > 0}) + "\n")
+            if nonfinite > 0:  # every rank skips together: no backward, no optimizer step
+                consecutive_nonfinite += 1
+                skipped_total += 1
+                metrics.info(f"[mae-scale] step {step}: non-finite loss on {int(nonfinite)} rank(s); batch skipped")
+                if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(f"{consecutive_nonfinite} consecutive non-finite losses at step {step}: "
+                                             "stopping (lower optim.base_lr or check the data)")
+                continue
+            consecutive_nonfinite = 0
+            engine.backward(loss)
+            engine.step()
+            window.add(loss_sum / world_size, t_data, micro_clips)
+            if int(engine.global_steps) == step:  # inside an accumulation window
+                continue
+            step = int(engine.global_steps)
+            metrics.advance()
+            if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
+                metrics.log(step, window.summary(engine, world_size, flops_per_clip, peak, skipped_total,
+                                                 loader.stats()))
+                window = _Window()
+            due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
+            if stop.requested or step == cfg.train.steps or due:
+                path = ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_total})
+                last_save_time = time.monotonic()
+                metrics.info(f"[mae-scale] checkpoint saved: {path}")
+            if stop.requested:
+                stopped_by_signal = True
+                metrics.info(f"[mae-scale] stopped by signal at step {step}; resume with the same command "
+                             f"(checkpoint: {run_dir / 'checkpoints'})")
+                break
+    finally:
+        stop.restore()
+        if sample_log is not None:
+            sample_log.close()
+        metrics.close()
+    return {"step": step, "stopped_by_signal": stopped_by_signal, "skipped_steps": skipped_total,
+            "start_step": start_step, "last_clips": last_clips}
+
+
+class _Window:
+    """Accumulates what happened between two metric logs."""
+
+    def __init__(self):
+        self.t_start = time.perf_counter()
+        self.losses: list[float] = []
+        self.data_wait = 0.0
+        self.clips = 0
+
+    def add(self, loss: float, data_wait: float, clips: int) -> None:
+        self.losses.append(loss)
+        self.data_wait += data_wait
+        self.clips += clips
+
+    def summary(self, engine, world_size: int, flops_per_clip: float, peak: float, skipped: int,
+                data_stats: dict) -> dict:
+        elapsed = max(time.perf_counter() - self.t_start, 1e-9)
+        tflops = flops_per_clip * self.clips / elapsed / 1e12  # per device: clips counted on this rank
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "loss": sum(self.losses) / max(1, len(self.losses)),
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "clips_per_s": self.clips * world_size / elapsed,
+            "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak > 0 else None,
+            "data_wait_frac": self.data_wait / elapsed,
+            "peak_mem_gb": peak_memory_gb(),
+            "skipped_steps": skipped,
+            "bad_samples": sum(data_stats.get("bad", {}).values()),
+        }
+
+
+def _rank0_print(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def save_run_config(cfg: Config, path: Path) -> None:
+    cfg.save(path)
