@@ -18,6 +18,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DEMO_SHARDS = "shards/demo"  # built from real clips on first use (mae_scale.data.demo)
 
 MASK_TYPES = ("random", "tube", "frame", "cube")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
@@ -137,11 +138,16 @@ class Config:
     @classmethod
     def load(cls, config: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
         """Build from a preset name or a YAML path, then apply `key.sub=value` overrides."""
-        cfg = cls()
-        _apply_mapping(cfg, _read_yaml(resolve_config_path(config)), prefix="")
+        cfg = cls.from_dict(_read_yaml(resolve_config_path(config)))
         for item in overrides:
             key, value = parse_override(item)
             _apply_mapping(cfg, _nest(key, value), prefix="")
+        return cfg
+
+    @classmethod
+    def from_dict(cls, mapping: dict) -> Config:
+        cfg = cls()
+        _apply_mapping(cfg, mapping, prefix="")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,7 +254,7 @@ class Config:
                 bad("deepspeed.config", self.deepspeed.config,
                     f"no such file {ds_path}; available in ds_configs/: {', '.join(available)}{extra}")
             manifest = self.manifest_path
-            if manifest is not None and not manifest.is_file():
+            if manifest is not None and not manifest.is_file() and d.shards != DEMO_SHARDS:
                 bad("data.shards", d.shards, f"no manifest.json at {manifest} (build shards with "
                     "tools/make_shards.py INPUT --out DIR)")
         if errors:

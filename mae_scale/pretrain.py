@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
-from mae_scale.config import Config, ConfigError
+from mae_scale.config import DEMO_SHARDS, Config, ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,14 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed's ZeRO-3 calls torch's deprecated collective names every step: keep the console readable.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
     args = parse_args(argv)
     world_hint = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = Config.load(args.config, args.overrides)
-        if cfg.data.shards == "shards/demo" and not os.path.exists("shards/demo/manifest.json"):
-            from mae_scale.data.demo import ensure_demo_shards
-
-            ensure_demo_shards("shards/demo")
         if cfg.train.global_batch_size:
             cfg.validate(world_size=world_hint)
             cfg.train.batch_size = cfg.train.global_batch_size // (world_hint * cfg.train.grad_accum)
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mae_scale.pretrain: {e}", file=sys.stderr)
         return 2
+    if cfg.data.shards == DEMO_SHARDS:  # the embedded demo set is built from real clips on first use
+        from mae_scale.data.demo import ensure_demo_shards
+
+        ensure_demo_shards(DEMO_SHARDS)
 
     from mae_scale.data.loader import build_loader
     from mae_scale.train import dist as D
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if rank == 0:
             cfg.save(cfg.run_dir / "config.yaml")
-        built = build_engine(cfg, world)
+        built = build_engine(cfg, world, load_universal=_resumes_from_other_world(cfg, resume, world))
         loader = build_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed, rank=rank,
                               world_size=world)
         summary = train(cfg, built, loader, rank=rank, world_size=world, resume=resume)
@@ -67,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         D.shutdown()
     return 0
+
+
+def _resumes_from_other_world(cfg: Config, resume: str | None, world: int) -> bool:
+    from mae_scale.train.checkpoint import Checkpointer
+
+    if resume == "none":
+        return False
+    found = Checkpointer(cfg.run_dir / "checkpoints", keep=1, rank=0, world_size=world).peek(resume)
+    return found is not None and found[1] != world
 
 
 def _resume_choice(cfg: Config, args: argparse.Namespace) -> str | None:

@@ -75,17 +75,22 @@ def _hint(key: str, expected: tuple, got: tuple) -> str:
 
 def state_dict_diff(model: nn.Module, state_dict: Mapping) -> list[str]:
     """Every way `state_dict` does not fit `model`, one readable line each; empty when it fits."""
-    expected = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        # ZeRO-3 partitions keep the full shape in ds_shape.
-        expected[_clean_key(name)] = tuple(getattr(t, "ds_shape", t.shape))
+    # keep_vars: under ZeRO-3 the partitioned parameters keep their full shape in ds_shape.
+    expected = {
+        k: tuple(getattr(t, "ds_shape", t.shape)) for k, t in model.state_dict(keep_vars=True).items()
+    }
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
-    lines = [f"missing key: {k} (expected shape {list(expected[k])})" for k in expected if k not in got]
-    lines += [f"unexpected key: {k} (shape {list(got[k])})" for k in got if k not in expected]
-    for k in expected.keys() & got.keys():
-        if expected[k] != got[k]:
-            lines.append(f"shape mismatch: {k}: expected {list(expected[k])}, got {list(got[k])}{_hint(k, expected[k], got[k])}")
-    return lines
+    missing = [
+        f"missing key: {k} (expected shape {list(expected[k])})" for k in sorted(expected.keys() - got.keys())
+    ]
+    unexpected = [f"unexpected key: {k} (shape {list(got[k])})" for k in sorted(got.keys() - expected.keys())]
+    mismatched = [
+        f"shape mismatch: {k}: expected {list(expected[k])}, got {list(got[k])}"
+        + _hint(k, expected[k], got[k])
+        for k in sorted(expected.keys() & got.keys())
+        if expected[k] != got[k]
+    ]
+    return missing + unexpected + mismatched
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping) -> None:
@@ -94,6 +99,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping) -> None:
     if problems:
         raise StateDictMismatchError(
             f"state dict does not fit {type(model).__name__} ({len(problems)} problems):\n  "
-            + "\n  ".join(sorted(problems))
+            + "\n  ".join(problems)
         )
     model.load_state_dict(dict(state_dict), strict=True)

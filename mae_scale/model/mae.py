@@ -190,12 +190,15 @@ class MaskedAutoencoderViT(nn.Module):
         """
         frames = target_frame_indices(imgs.shape[2], self.pred_t_dim).to(imgs.device)
         target = self.patchify(torch.index_select(imgs, 2, frames))  # (B, N, u*p*p*C)
+        # The loss in at least fp32, also when the model runs in bf16.
+        dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+        pred, target = pred.to(dtype), target.to(dtype)
         if self.norm_pix_loss:  # each patch normalized by its own mean and variance
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
 
-        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N), loss per patch
+        loss = ((pred - target) ** 2).mean(dim=-1)  # (B, N), loss per patch
         return (loss * mask).sum() / mask.sum()  # mean over masked patches only
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):

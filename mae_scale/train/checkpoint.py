@@ -158,6 +158,13 @@ class Checkpointer:
         order += [t for t in reversed(self.tags()) if t not in order]
         return order
 
+    def peek(self, explicit: str | None = None) -> tuple[str, int] | None:
+        """(tag, world size that wrote it) of the checkpoint `load` will try first; no collectives."""
+        for tag in self.candidates(explicit):
+            if not self.problems(tag):
+                return tag, int(self.info(tag)["world_size"])
+        return None
+
     def info(self, tag: str) -> dict[str, Any]:
         return json.loads((self.root / tag / "complete.json").read_text())
 

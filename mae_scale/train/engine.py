@@ -142,10 +142,13 @@ class Built:
     clips_per_step: int  # over all ranks and accumulation micro-steps
 
 
-def build_engine(cfg: Config, world_size: int) -> Built:
+def build_engine(cfg: Config, world_size: int, load_universal: bool = False) -> Built:
+    """`load_universal`: the checkpoint to resume was written by another world size (see universal.py)."""
     import deepspeed
 
     ds = build_ds_config(cfg, world_size)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     model = build_model(cfg, ds, cfg.seed)
     clips_per_step = ds["train_batch_size"]
     lr = peak_lr(cfg.optim.base_lr, clips_per_step)

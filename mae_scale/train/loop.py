@@ -79,10 +79,17 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     if restored is not None:
         metrics.info(f"[mae-scale] resumed from {run_dir / 'checkpoints' / restored[0]} at step {start_step}: "
                      f"{replay_note}")
-    metrics.info(f"[mae-scale] attention={engine.module.attention_backend} precision={built.precision} "
+    metrics.info(f"[mae-scale] attention={engine.module.attention_backend()} precision={built.precision} "
                  f"zero_stage={engine.zero_optimization_stage()} ranks={world_size} "
                  f"clips/step={built.clips_per_step} peak_lr={built.peak_lr:.3g} "
                  f"peak={peak:.1f} TFLOP/s ({peak_source})")
+    params_total, params_local = parameter_partition(engine.module)
+    weights_l2 = math.sqrt(D.all_reduce_sum([local_sum_of_squares(engine.module)])[0])
+    metrics.log(start_step, {"event": "start", "params_total": params_total,
+                             "params_per_rank": D.all_gather_object(params_local),
+                             "weights_l2": weights_l2, "zero_stage": engine.zero_optimization_stage(),
+                             "precision": built.precision,
+                             "attention": engine.module.attention_backend(), "world_size": world_size})
     sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
 
     stop = StopSignal()
@@ -148,6 +155,28 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         metrics.close()
     return {"step": step, "stopped_by_signal": stopped_by_signal, "skipped_steps": skipped_total,
             "start_step": start_step, "last_clips": last_clips}
+
+
+def parameter_partition(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters in the model, parameters this rank holds): ZeRO-3 keeps ~1/world of them per rank."""
+    total = local = 0
+    for p in model.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return total, local
+
+
+@torch.no_grad()
+def local_sum_of_squares(model: torch.nn.Module) -> float:
+    """This rank's share of sum(w^2): under ZeRO-3 its partitions (padding is zeros), else all weights
+    on rank 0 only; summed over ranks it fingerprints the weights (logged at start, checked on resume)."""
+    total = 0.0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.double().pow(2).sum().item()
+        elif D.is_main():
+            total += p.double().pow(2).sum().item()
+    return total
 
 
 class _Window:

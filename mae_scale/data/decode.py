@@ -1,0 +1,181 @@
+"""PyAV decoding, in one place: open a video from memory, check it, decode only the frames asked for.
+
+Frames are addressed by index in the stream's constant-rate time grid, computed from each frame's
+pts (`frame_index`), never from the container's frame count, which lies often enough (PyAV #538).
+A clip decode seeks by timestamp to the keyframe before the first wanted frame, decodes forward,
+and converts only the wanted frames. Every container is opened in a `with` so decoder memory is
+released at once (PyAV #1117), and FFmpeg runs single-threaded: parallelism comes from loader
+worker processes, and codec threads inside forked workers are a known source of hangs.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TypeVar
+
+import av
+
+T = TypeVar("T")
+
+
+class BadVideo(Exception):
+    """A video that cannot be used. `reason` is a short stable name, counted per reason by the loader."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Guards applied before and during decoding, so a crafted file cannot exhaust memory or time."""
+
+    max_pixels: int = 4096 * 2160  # per frame, checked on the declared size before any decode
+    min_side: int = 32  # smaller videos are useless for crops and usually broken
+    timeout_s: float = 60.0  # wall time per video, checked after every decoded frame
+    threads: int = 1  # FFmpeg codec threads; 1 is the safe choice inside worker processes
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a full decode found: the facts written into each sample's json."""
+
+    frames: int  # size of the frame index grid (= decoded frames for constant-rate video)
+    fps: float
+    width: int
+    height: int
+    codec: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps
+
+
+def frame_index(pts: int, start: int, scale: Fraction) -> int:
+    """Index of a frame in the stream's constant-rate grid: (pts - start) * time_base * rate, rounded.
+
+    `scale` is time_base * rate; integer arithmetic, so indices are exact for any rational rate.
+    """
+    return (2 * (pts - start) * scale.numerator + scale.denominator) // (2 * scale.denominator)
+
+
+def check_size(width: int, height: int, limits: VideoLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise BadVideo("too_large", f"{width}x{height} exceeds max_pixels={limits.max_pixels}")
+    if min(width, height) < limits.min_side:
+        raise BadVideo("too_small", f"{width}x{height} is below min_side={limits.min_side}")
+
+
+@contextmanager
+def open_video(data: bytes, limits: VideoLimits) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    """Open encoded bytes and check the declared stream before anything is decoded."""
+    if len(data) == 0:
+        raise BadVideo("empty_video", "0 bytes")
+    try:
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise BadVideo("undecodable", f"cannot open: {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise BadVideo("no_video_stream", f"streams: {[s.type for s in container.streams]}")
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        if cc.width and cc.height:  # 0 means unknown until the first frame; checked per frame below
+            check_size(cc.width, cc.height, limits)
+        cc.thread_count = limits.threads
+        yield container, stream
+
+
+def _rate(stream: av.VideoStream) -> Fraction:
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate or rate <= 0:
+        raise BadVideo("bad_fps", "stream has no frame rate")
+    return Fraction(rate)
+
+
+def _frames(
+    container: av.container.InputContainer, stream: av.VideoStream, limits: VideoLimits, deadline: float
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Decoded frames with their grid index, each checked for pts, size and the time limit."""
+    start = stream.start_time or 0
+    scale = stream.time_base * _rate(stream)
+    try:
+        for frame in container.decode(stream):
+            if time.monotonic() > deadline:
+                raise BadVideo("decode_timeout", f"over {limits.timeout_s:g} s")
+            if frame.pts is None:
+                raise BadVideo("no_pts", "decoded frame without a timestamp")
+            check_size(frame.width, frame.height, limits)
+            yield frame_index(frame.pts, start, scale), frame
+    except av.FFmpegError as exc:
+        raise BadVideo("undecodable", str(exc)) from exc
+
+
+def probe(data: bytes, limits: VideoLimits = VideoLimits()) -> VideoInfo:
+    """Decode every frame (no pixel conversion) and return the true frame count, rate and size."""
+    deadline = time.monotonic() + limits.timeout_s
+    with open_video(data, limits) as (container, stream):
+        last, width, height = -1, 0, 0
+        for index, frame in _frames(container, stream, limits, deadline):
+            last, width, height = max(last, index), frame.width, frame.height
+        if last < 0:
+            raise BadVideo("empty_video", "no frame decoded")
+        return VideoInfo(last + 1, float(_rate(stream)), width, height, stream.codec_context.name)
+
+
+def decode_frames(
+    data: bytes, wanted: Sequence[int], convert: Callable[[av.VideoFrame], T], limits: VideoLimits
+) -> list[T]:
+    """Return `convert(frame)` for every index in `wanted` (ascending), decoding as little as possible.
+
+    Seeks to the keyframe at or before the first wanted index, decodes forward and converts only
+    wanted frames. A wanted index that falls in a timestamp gap gets the frame shown at that time
+    (the last one before it). If the seek lands after the first wanted frame (a broken index),
+    decoding restarts from the beginning. Raises `BadVideo` if the stream ends before the last
+    wanted index: the sample's metadata does not match its video.
+    """
+    if not wanted or list(wanted) != sorted(wanted) or wanted[0] < 0:
+        raise ValueError(f"wanted frame indices must be non-empty, ascending and >= 0, got {list(wanted)[:8]}")
+    deadline = time.monotonic() + limits.timeout_s
+    with open_video(data, limits) as (container, stream):
+        start, rate = stream.start_time or 0, _rate(stream)
+        if wanted[0] > 0:
+            container.seek(start + int(wanted[0] / (rate * stream.time_base)), stream=stream, backward=True)
+        out: dict[int, T] = {}
+        held: tuple[int, av.VideoFrame] | None = None  # last frame before the next wanted index
+        held_converted: T | None = None
+        p, restarted = 0, wanted[0] == 0
+        frames = _frames(container, stream, limits, deadline)
+        while p < len(wanted):
+            item = next(frames, None)
+            if item is None:
+                break
+            index, frame = item
+            if held is None and index > wanted[p] and not restarted:
+                restarted = True  # seek overshot the first wanted frame: decode from the start instead
+                frames.close()
+                container.seek(start, stream=stream, backward=True)
+                frames = _frames(container, stream, limits, deadline)
+                continue
+            while p < len(wanted) and wanted[p] < index and held is not None:
+                if held_converted is None:
+                    held_converted = convert(held[1])
+                out[wanted[p]] = held_converted
+                p += 1
+            if p < len(wanted) and wanted[p] <= index:  # exact hit (or the first frame after a gap at 0)
+                held, held_converted = (index, frame), convert(frame)
+                while p < len(wanted) and wanted[p] <= index:
+                    out[wanted[p]] = held_converted
+                    p += 1
+            else:
+                held, held_converted = (index, frame), None
+        if p < len(wanted):
+            last = held[0] if held else -1
+            raise BadVideo("frames_mismatch", f"stream ends at frame {last}, frame {wanted[p]} was asked for")
+        return [out[i] for i in wanted]

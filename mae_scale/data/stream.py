@@ -1,0 +1,253 @@
+"""One loader worker's stream of batches: a pure function of (seed, epoch, rank, worker, world size, workers).
+
+Per epoch, the manifest's shards are shuffled from (seed, epoch) and dealt to the
+`world_size * workers` streams ("slots"); with fewer shards than slots every slot reads all
+shards and keeps every S-th sample instead, so no worker is ever empty. Each slot's samples pass
+a seeded shuffle buffer, then are decoded once into R clips. Positions count raw items (samples
+and faults) out of the shuffle buffer, so resuming replays the tar reading and the buffer but
+decodes nothing that was skipped. Augmentation is seeded per (seed, epoch, shard, key): a sample
+looks the same whichever worker reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mae_scale.data.decode import BadVideo, VideoLimits, decode_frames
+from mae_scale.data.shards import MAX_MEMBER_BYTES, RawSample, iter_tar
+from mae_scale.data.transforms import ClipSpec, make_clips, plan_clips
+
+
+class BadDataError(RuntimeError):
+    """Too many bad samples (or none good): the message names the ratio, the limit and the main reasons."""
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from parts, equal in every process (unlike `hash()` on strings)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    url: str
+    name: str
+    samples: int  # from the manifest: lets a truncated or missing shard count its lost samples
+
+
+@dataclass
+class Item:
+    """A sample leaving the shuffle buffer (or a fault standing for `bad` lost samples)."""
+
+    shard: str
+    raw: RawSample
+    bad: int = 1
+
+
+@dataclass
+class StreamStats:
+    """Counts since the last batch; they travel with each batch so the main process sees them."""
+
+    samples: int = 0  # good videos
+    decoded: int = 0  # videos handed to the decoder (fast-forward must add none)
+    bad: Counter = field(default_factory=Counter)
+    info: Counter = field(default_factory=Counter)  # notable but usable (short-video policies)
+    examples: dict = field(default_factory=dict)  # reason -> "shard/key: detail" (first seen)
+
+    def add_bad(self, reason: str, item: Item, detail: str, count: int = 1) -> None:
+        self.bad[reason] += count
+        self.examples.setdefault(reason, f"{item.shard}/{item.raw.key}: {detail}"[:300])
+
+    def pop(self) -> dict:
+        """The counts as a plain dict; the counters restart from zero."""
+        out = {
+            "samples": self.samples,
+            "decoded": self.decoded,
+            "bad": dict(self.bad),
+            "info": dict(self.info),
+            "examples": dict(self.examples),
+        }
+        self.samples, self.decoded = 0, 0
+        self.bad, self.info, self.examples = Counter(), Counter(), {}
+        return out
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_shards))
+    random.Random(stable_seed(seed, "shards", epoch)).shuffle(order)
+    return order
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    shards: tuple[ShardRef, ...]
+    clip: ClipSpec
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # streams per rank (DataLoader workers, 1 when loading in-process)
+    shuffle_buffer: int = 64
+    limits: VideoLimits = VideoLimits()
+    max_member_bytes: int = MAX_MEMBER_BYTES
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+
+class ClipStream(IterableDataset):
+    """The worker side of the loader; `start[w]` = (epoch, items already consumed) for logical worker w.
+
+    DataLoader worker `p` plays logical worker `(p + worker_offset) % workers`, so a loader resumed
+    after a batch of worker 1 starts with worker 1's stream and batches keep their order.
+    """
+
+    def __init__(self, spec: StreamSpec, start: list[tuple[int, int]], worker_offset: int = 0):
+        super().__init__()
+        self.spec, self.start, self.worker_offset = spec, start, worker_offset
+
+    # -- which raw items a slot sees in an epoch ------------------------------------------------
+    def epoch_items(self, slot: int, epoch: int) -> Iterator[Item]:
+        """The slot's items for one epoch, after the shuffle buffer. Reads tars; decodes nothing."""
+        spec = self.spec
+        order = [spec.shards[i] for i in shard_order(len(spec.shards), spec.seed, epoch)]
+        if len(order) >= spec.slots:
+            shards, keep = order[slot :: spec.slots], None  # whole shards per slot
+        else:
+            shards, keep = order, slot  # every slot reads every shard and keeps sample g where g % S == slot
+        rng = random.Random(stable_seed(spec.seed, "buffer", epoch, slot, spec.slots))
+        return iter(
+            wds.DataPipeline(
+                shards,
+                lambda src: self._read(src, keep),
+                wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng) if spec.shuffle_buffer > 1 else None,
+            )
+        )
+
+    def _read(self, shards: Iterator[ShardRef], keep: int | None) -> Iterator[Item]:
+        slots, g = self.spec.slots, 0  # g: the sample's global index in the epoch, by manifest counts
+        mine = (lambda i: True) if keep is None else (lambda i: i % slots == keep)
+        for shard in shards:
+            count = 0
+            try:
+                stream = wds.gopen(shard.url, "rb")
+            except Exception as exc:  # noqa: BLE001 - any failure to open is one fault, named
+                raw = RawSample("", fault="unreadable_shard", detail=f"{shard.url}: {exc}")
+            else:
+                raw = None
+                try:
+                    for sample in iter_tar(stream, self.spec.max_member_bytes):
+                        if sample.fault == "bad_tar":
+                            raw = sample
+                            break
+                        if mine(g + count):
+                            yield Item(shard.name, sample)
+                        count += 1
+                finally:
+                    try:
+                        stream.close()
+                    except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that failed
+                        raw = raw or RawSample("", fault="unreadable_shard", detail=f"{shard.url}: {exc}")
+            if count < shard.samples and raw is None:
+                raw = RawSample("", fault="bad_tar", detail=f"ended after {count} of {shard.samples} samples")
+            if raw is not None:  # the samples the manifest promised but the tar did not deliver
+                lost = sum(1 for i in range(g + count, g + max(shard.samples, count + 1)) if mine(i))
+                if lost:
+                    yield Item(shard.name, raw, bad=lost)
+            g += max(shard.samples, count)
+
+    # -- the stream ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        spec = self.spec
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != spec.workers:
+            raise RuntimeError(f"ClipStream built for {spec.workers} workers runs in a loader with {num_workers}")
+        worker = (physical + self.worker_offset) % spec.workers
+        slot = spec.rank * spec.workers + worker
+        epoch, skip = self.start[worker]
+        stats = StreamStats()
+        clips, keys, labels, first_epoch = [], [], [], None
+        while True:
+            consumed, good = skip, 0
+            for item in islice(self.epoch_items(slot, epoch), skip, None):  # fast-forward: tar reads only
+                consumed += 1
+                sample = self._clips(item, epoch, stats)
+                if sample is None:
+                    continue
+                good += 1
+                if first_epoch is None:
+                    first_epoch = epoch
+                clips.append(sample[0])
+                keys += [item.raw.key] * spec.clip.repeats
+                labels += [sample[1]] * spec.clip.repeats
+                if len(clips) == spec.batch_size:
+                    yield {
+                        "clips": torch.cat(clips),  # (B*R, C, T, H, W) uint8
+                        "keys": keys,
+                        "labels": labels,
+                        "epoch": first_epoch,
+                        "_worker": worker,
+                        "_position": (epoch, consumed),
+                        "_stats": stats.pop(),
+                    }
+                    clips, keys, labels, first_epoch = [], [], [], None
+            if skip == 0 and good == 0:
+                raise BadDataError(
+                    f"rank {spec.rank} worker {worker}: epoch {epoch} gave no usable sample "
+                    f"({consumed} items; bad: {dict(stats.bad)}; examples: {stats.examples})"
+                )
+            epoch, skip = epoch + 1, 0
+
+    def _clips(self, item: Item, epoch: int, stats: StreamStats) -> tuple[torch.Tensor, object] | None:
+        """Decode one sample into (R, C, T, H, W) uint8 clips and its label, or count it as bad."""
+        raw = item.raw
+        if raw.fault:
+            stats.add_bad(raw.fault, item, raw.detail, item.bad)
+            return None
+        missing = [m for m in ("mp4", "json") if m not in raw.members]
+        if missing:
+            stats.add_bad("missing_member", item, f"no .{' .'.join(missing)}")
+            return None
+        try:
+            meta = json.loads(raw.members["json"])
+            frames = meta["frames"]
+            if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+                raise ValueError(f"'frames' must be a positive int, got {frames!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            stats.add_bad("bad_json", item, repr(exc))
+            return None
+        rng = random.Random(stable_seed(self.spec.seed, "sample", epoch, item.shard, raw.key))
+        try:
+            plan, note = plan_clips(frames, self.spec.clip, rng)
+            wanted = sorted({i for clip in plan for i in clip})
+            stats.decoded += 1
+            decoded = decode_frames(raw.members["mp4"], wanted, _to_rgb, self.spec.limits)
+            clips = make_clips(torch.from_numpy(np.stack(decoded)), plan, self.spec.clip, rng)
+        except BadVideo as exc:
+            stats.add_bad(exc.reason, item, exc.detail)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a crafted file must not kill the run; it is named
+            stats.add_bad("decode_error", item, f"{type(exc).__name__}: {exc}")
+            return None
+        if note:
+            stats.info[note] += 1
+        stats.samples += 1
+        return clips, meta.get("label")
+
+
+def _to_rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8 at the source resolution
+

@@ -1,0 +1,122 @@
+"""Clip sampling and spatial augmentation, as pure functions of a seeded `random.Random`.
+
+A video yields R clips ("repeated sampling", MAE-ST): R independent temporal starts, each clip T
+frames at a stride, each with its own random resized crop and flip. Pixels stay uint8 `(C, T, H, W)`:
+normalization happens on the accelerator, which moves 4x fewer bytes to the device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from mae_scale.data.decode import BadVideo
+
+SHORT_VIDEO_POLICIES = ("stride", "loop", "skip")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    num_frames: int = 16  # T
+    stride: int = 4  # temporal sampling stride in frames
+    size: int = 224  # output side in pixels
+    repeats: int = 4  # R clips per decoded video
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # relative area of the random resized crop
+    crop_aspect: tuple[float, float] = (0.75, 1.3333)  # aspect ratio range (w / h)
+    flip: bool = True
+    short_video: str = "stride"  # fewer frames than a clip needs: smaller stride | loop | skip
+
+    def __post_init__(self):
+        errors = [
+            f"{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("num_frames", "stride", "size", "repeats")
+            if getattr(self, name) < 1
+        ]
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            errors.append(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_aspect
+        if not 0 < lo <= hi:
+            errors.append(f"crop_aspect must satisfy 0 < lo <= hi, got {self.crop_aspect}")
+        if self.short_video not in SHORT_VIDEO_POLICIES:
+            errors.append(f"short_video must be one of {SHORT_VIDEO_POLICIES}, got {self.short_video!r}")
+        if errors:
+            raise ValueError("bad clip settings (data.*): " + "; ".join(errors))
+
+    @property
+    def span(self) -> int:
+        """Frames covered by one clip at the configured stride."""
+        return (self.num_frames - 1) * self.stride + 1
+
+
+def plan_clips(num_video_frames: int, spec: ClipSpec, rng: random.Random) -> tuple[list[list[int]], str | None]:
+    """Frame indices of R clips, and a note when the short-video policy applied ("short_stride", "short_loop").
+
+    A video shorter than one clip is handled by `spec.short_video`: `stride` takes the largest
+    stride that fits (and gives up when even stride 1 does not), `loop` wraps indices around the
+    end, `skip` rejects the video. Rejections raise `BadVideo("too_few_frames")`.
+    """
+    n, t = num_video_frames, spec.num_frames
+    stride, note = spec.stride, None
+    if n < spec.span:
+        if spec.short_video == "loop":
+            starts = [rng.randrange(n) for _ in range(spec.repeats)]
+            return [[(s + i * stride) % n for i in range(t)] for s in starts], "short_loop"
+        if spec.short_video == "skip" or n < t:
+            raise BadVideo("too_few_frames", f"{n} frames, a clip of {t} at stride {stride} needs {spec.span}")
+        stride, note = (n - 1) // (t - 1), "short_stride"
+    span = (t - 1) * stride + 1
+    starts = [rng.randint(0, n - span) for _ in range(spec.repeats)]
+    return [list(range(s, s + span, stride)) for s in starts], note
+
+
+def random_resized_crop(
+    height: int, width: int, scale: tuple[float, float], aspect: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """A box (top, left, h, w) covering a random share of the area with a random aspect ratio.
+
+    Ten tries to fit a box drawn with area in `scale` and log-uniform aspect in `aspect`; if none
+    fits, the largest centered box whose aspect is within range.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    ratio = min(max(width / height, aspect[0]), aspect[1])
+    w, h = (width, round(width / ratio)) if width / height <= ratio else (round(height * ratio), height)
+    w, h = min(w, width), min(h, height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
+    """Crop `box` from uint8 frames (T, H, W, C), resize to size x size, flip; returns (C, T, size, size)."""
+    top, left, h, w = box
+    clip = rearrange(frames[:, top : top + h, left : left + w], "t h w c -> t c h w")  # channels-last view
+    clip = F.interpolate(clip, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if flip:
+        clip = clip.flip(-1)
+    return rearrange(clip, "t c h w -> c t h w")  # (C, T, size, size)
+
+
+def make_clips(frames: torch.Tensor, clips: list[list[int]], spec: ClipSpec, rng: random.Random) -> torch.Tensor:
+    """R augmented clips from decoded frames (F, H, W, C) whose order matches sorted(set(indices)).
+
+    Returns uint8 (R, C, T, size, size).
+    """
+    position = {index: i for i, index in enumerate(sorted({i for clip in clips for i in clip}))}
+    _, height, width, _ = frames.shape
+    out = []
+    for clip in clips:
+        box = random_resized_crop(height, width, spec.crop_scale, spec.crop_aspect, rng)
+        flip = spec.flip and rng.random() < 0.5
+        out.append(crop_resize(frames[[position[i] for i in clip]], box, spec.size, flip))
+    return torch.stack(out)  # (R, C, T, size, size)

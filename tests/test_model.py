@@ -1,0 +1,388 @@
+"""MAE-ST model: masking, loss semantics, patches, attention kernels, checkpointing, init, sizes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mae_scale.model import attention as attn_mod
+from mae_scale.model.checkpointing import apply_activation_checkpointing, is_checkpointed
+from mae_scale.model.flops import count_params, forward_flops, train_step_flops
+from mae_scale.model.mae import MaskedAutoencoderViT, init_module_
+from mae_scale.model.masking import cube_shape, make_mask, num_units, num_visible
+from mae_scale.model.patches import patchify, target_frame_indices, unpatchify
+from mae_scale.model.presets import ARCHS
+
+# 64 px, 8 frames, patch 2x16x16: token grid (t, h, w) = (4, 4, 4), N = 64; pred_t_dim 4 -> u = 1.
+TINY64 = dict(**ARCHS["tiny"], img_size=64, num_frames=8, pred_t_dim=4)
+
+
+def tiny(**overrides) -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(**{**TINY64, **overrides})
+
+
+def clips(batch: int = 2, frames: int = 8, size: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --- masking -------------------------------------------------------------------------------------
+
+# Visible tokens per sample on the (4, 4, 4) grid, written out from each type's documented rule.
+EXPECTED_VISIBLE = {
+    ("random", 0.9): 6,  # int(64 * 0.1) = int(6.4)
+    ("random", 0.75): 16,  # int(64 * 0.25)
+    ("tube", 0.75): 16,  # int(16 spatial * 0.25) = 4 positions x 4 time slices
+    ("tube", 0.9): 4,  # int(1.6) = 1 position x 4 slices
+    ("frame", 0.75): 16,  # int(4 slices * 0.25) = 1 slice x 16 positions
+    ("cube", 0.75): 16,  # 2x2x2 cubes: 8 cubes, int(2.0) = 2 cubes x 8 tokens
+    ("cube", 0.5): 32,
+}
+
+
+@pytest.mark.parametrize(("mask_type", "ratio"), list(EXPECTED_VISIBLE))
+def test_forward_shapes_and_visible_count(mask_type, ratio):
+    model = tiny(mask_type=mask_type, mask_ratio=ratio)
+    loss, pred, mask = model(clips(batch=3))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert pred.shape == (3, 64, 1 * 16 * 16 * 3)
+    assert mask.shape == (3, 64)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    visible = (mask == 0).sum(dim=1)
+    assert visible.tolist() == [EXPECTED_VISIBLE[(mask_type, ratio)]] * 3
+    latent, _, _ = model.forward_encoder(clips(batch=3), ratio)
+    assert latent.shape == (3, EXPECTED_VISIBLE[(mask_type, ratio)], model.config["embed_dim"])
+
+
+def test_visible_counts_at_paper_size():
+    grid = (8, 14, 14)  # 16x224 clip, 2x16x16 patches
+    assert num_visible("random", grid, 0.9) == 156  # of 1568, integer truncation as mae_st
+    assert num_visible("tube", grid, 0.9) == 19 * 8
+    assert num_visible("cube", grid, 0.9) == 19 * 8  # 196 cubes of 2x2x2
+    assert num_visible("frame", grid, 0.875) == 14 * 14
+    with pytest.raises(ValueError, match="keeps 0 of 8 units"):
+        num_visible("frame", grid, 0.9)
+    with pytest.raises(ValueError, match="keeps 0 of 8 units"):
+        MaskedAutoencoderViT(
+            **{**TINY64, "num_frames": 16, "pred_t_dim": 8}, mask_type="frame", mask_ratio=0.9
+        )
+
+
+@pytest.mark.parametrize("mask_type", ["random", "tube", "frame", "cube"])
+def test_masks_differ_between_samples(mask_type):
+    torch.manual_seed(0)
+    mask = make_mask(mask_type, (4, 4, 4), 0.5, batch=8).mask
+    assert len({tuple(m.tolist()) for m in mask}) > 1
+    assert (mask.sum(dim=1) == 32).all()
+
+
+def test_tube_masks_identical_across_time():
+    mask = make_mask("tube", (4, 4, 4), 0.75, batch=6).mask.view(6, 4, 16)  # (B, t, h*w)
+    assert (mask == mask[:, :1]).all()
+    assert (mask[:, 0].sum(dim=1) == 12).all()
+
+
+def test_frame_masks_whole_slices():
+    mask = make_mask("frame", (4, 4, 4), 0.5, batch=6).mask.view(6, 4, 16)  # (B, t, h*w)
+    assert (mask == mask[:, :, :1]).all()  # each time slice all masked or all visible
+    assert (mask[:, :, 0].sum(dim=1) == 2).all()
+
+
+def test_cube_masks_whole_blocks():
+    mask = make_mask("cube", (4, 4, 4), 0.5, batch=6).mask.view(
+        6, 2, 2, 2, 2, 2, 2
+    )  # (B, t, ct, h, ch, w, cw)
+    blocks = mask.permute(0, 1, 3, 5, 2, 4, 6).reshape(6, 8, 8)  # (B, cube, token in cube)
+    assert (blocks == blocks[:, :, :1]).all()
+    assert (blocks[:, :, 0].sum(dim=1) == 4).all()
+
+
+def test_cube_side_shrinks_on_odd_grids():
+    assert cube_shape((8, 14, 14)) == (2, 2, 2)
+    assert cube_shape((8, 7, 7)) == (2, 1, 1)  # 112 px / patch 16
+    assert num_units("cube", (8, 7, 7)) == 4 * 7 * 7
+    model = MaskedAutoencoderViT(**{**TINY64, "img_size": 112}, mask_type="cube", mask_ratio=0.75)
+    _, _, mask = model(clips(batch=1, size=112))  # grid (4, 7, 7): 98 cubes of 2x1x1 tokens
+    assert (mask == 0).sum() == int(98 * 0.25) * 2
+
+
+def test_noise_fixes_the_mask_like_mae_st():
+    noise = torch.rand(2, 64)
+    a = make_mask("random", (4, 4, 4), 0.75, batch=2, noise=noise)
+    b = make_mask("random", (4, 4, 4), 0.75, batch=2, noise=noise.clone())
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_keep, b.ids_keep)
+    # mae_st: argsort the noise, keep the smallest 16
+    keep = noise.argsort(dim=1)[:, :16]
+    expected = torch.ones(2, 64).scatter_(1, keep, 0.0)
+    assert torch.equal(a.mask, expected)
+    assert torch.equal(a.ids_keep, keep)
+    with pytest.raises(ValueError, match=r"noise for mask_type 'tube' must have shape \(B, U\) = \(2, 16\)"):
+        make_mask("tube", (4, 4, 4), 0.75, batch=2, noise=noise)
+
+
+# --- loss semantics ------------------------------------------------------------------------------
+
+
+def _patch_pixels(mask_row: torch.Tensor, want_masked: bool, p: int = 16, grid=(4, 4, 4), u: int = 2):
+    """Pixel slices (t0, t1, h0, h1, w0, w1) of the tokens that are masked (or visible)."""
+    out = []
+    t, h, w = grid
+    for idx in range(t * h * w):
+        if bool(mask_row[idx]) == want_masked:
+            ti, hi, wi = idx // (h * w), (idx // w) % h, idx % w
+            out.append((ti * u, (ti + 1) * u, hi * p, (hi + 1) * p, wi * p, (wi + 1) * p))
+    return out
+
+
+def _perturb(imgs, slices, frames=None):
+    imgs = imgs.clone()
+    for t0, t1, h0, h1, w0, w1 in slices:
+        for f in range(t0, t1):
+            if frames is None or f in frames:
+                imgs[0, :, f, h0:h1, w0:w1] += torch.randn(3, h1 - h0, w1 - w0)
+    return imgs
+
+
+def test_loss_counts_only_masked_targets():
+    """The target path alone: with pred and mask fixed, visible pixels cannot move the loss."""
+    model = tiny(mask_ratio=0.5)
+    imgs = clips()
+    pred = torch.randn(2, 64, 768)
+    mask = make_mask("random", (4, 4, 4), 0.5, batch=2).mask
+    base = model.forward_loss(imgs, pred, mask)
+    visible_changed = _perturb(imgs, _patch_pixels(mask[0], want_masked=False))
+    masked_changed = _perturb(imgs, _patch_pixels(mask[0], want_masked=True))
+    assert torch.equal(model.forward_loss(visible_changed, pred, mask), base)
+    assert not torch.allclose(model.forward_loss(masked_changed, pred, mask), base)
+
+
+def test_encoder_never_sees_masked_patches():
+    """Whole model, fixed noise: masked pixels change the loss (targets) but never the prediction."""
+    model = tiny(mask_ratio=0.5)
+    imgs, noise = clips(), torch.rand(2, 64)
+    loss, pred, mask = model(imgs, noise=noise)
+    loss_m, pred_m, mask_m = model(_perturb(imgs, _patch_pixels(mask[0], want_masked=True)), noise=noise)
+    assert torch.equal(mask_m, mask)
+    assert torch.equal(pred_m, pred)  # no leak from hidden patches into the encoder
+    assert not torch.allclose(loss_m, loss)
+    # a visible patch is encoder input: the prediction must move
+    _, pred_v, _ = model(_perturb(imgs, _patch_pixels(mask[0], want_masked=False)[:1]), noise=noise)
+    assert not torch.allclose(pred_v, pred)
+
+
+def test_target_uses_only_linspace_frames():
+    model = tiny(mask_ratio=0.5)  # 8 frames, pred_t_dim 4: targets are frames 0, 2, 4, 7
+    assert target_frame_indices(8, 4).tolist() == [0, 2, 4, 7]
+    assert target_frame_indices(16, 8).tolist() == [0, 2, 4, 6, 8, 10, 12, 15]
+    imgs, noise = clips(), torch.rand(2, 64)
+    loss, pred, mask = model(imgs, noise=noise)
+    unused = _perturb(imgs, _patch_pixels(mask[0], want_masked=True), frames={1, 3, 5, 6})
+    loss_u, pred_u, _ = model(unused, noise=noise)
+    assert torch.equal(pred_u, pred) and torch.equal(loss_u, loss)
+
+
+# --- patches -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "p", "u"), [((2, 3, 8, 32, 48), 16, 2), ((1, 3, 4, 28, 28), 14, 1), ((1, 1, 6, 8, 8), 4, 3)]
+)
+def test_unpatchify_inverts_patchify(shape, p, u):
+    x = torch.randn(shape)
+    grid = (shape[2] // u, shape[3] // p, shape[4] // p)
+    patches = patchify(x, p, u)
+    assert patches.shape == (shape[0], grid[0] * grid[1] * grid[2], u * p * p * shape[1])
+    assert torch.equal(unpatchify(patches, grid, p, u), x)
+
+
+def test_model_unpatchify_uses_its_grid():
+    model = tiny()
+    target = clips()[:, :, :4]  # (B, C, pred_t_dim, H, W)
+    assert torch.equal(model.unpatchify(model.patchify(target)), target)
+    with pytest.raises(ValueError, match="do not fit the grid"):
+        model.unpatchify(torch.randn(1, 10, 768))
+
+
+# --- attention kernels and checkpointing ---------------------------------------------------------
+
+
+def test_sdpa_matches_math_attention():
+    """Same weights and mask: the kernels agree to 1e-5 (fp32 rounding of different summation orders)."""
+    model = tiny(attention="sdpa")
+    imgs, noise = clips(), torch.rand(2, 64)
+    loss_s, pred_s, _ = model(imgs, noise=noise)
+    loss_s.backward()
+    grads_s = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_attention("math")
+    loss_m, pred_m, _ = model(imgs, noise=noise)
+    loss_m.backward()
+    torch.testing.assert_close(pred_m, pred_s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_m, loss_s, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_s[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_auto_backend_is_sdpa_on_cpu():
+    assert tiny().attention_backend() == "sdpa"
+    assert attn_mod.resolve_backend("auto", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="not one of"):
+        tiny(attention="flash")
+
+
+def test_forcing_xformers_fails_clearly_on_cpu():
+    if not attn_mod.xformers_available():
+        with pytest.raises(ImportError, match="xformers cannot be imported.*attention='sdpa'"):
+            tiny(attention="xformers")
+    else:
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            tiny(attention="xformers")(clips())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs a CUDA device")
+@pytest.mark.skipif(not attn_mod.xformers_available(), reason="xformers is not installed")
+def test_xformers_matches_sdpa_on_cuda():
+    model = tiny(attention="xformers").cuda()
+    imgs, noise = clips().cuda(), torch.rand(2, 64, device="cuda")
+    assert model.attention_backend() == "xformers"
+    loss_x, pred_x, _ = model(imgs, noise=noise)
+    model.set_attention("sdpa")
+    loss_s, pred_s, _ = model(imgs, noise=noise)
+    torch.testing.assert_close(pred_x, pred_s, atol=1e-3, rtol=1e-3)  # TF32 and kernel differences
+    torch.testing.assert_close(loss_x, loss_s, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_same_loss_and_grads(every):
+    model = tiny(depth=3, decoder_depth=2)
+    imgs, noise = clips(), torch.rand(2, 64)
+    keys = list(model.state_dict())
+    loss, _, _ = model(imgs, noise=noise)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    chosen = apply_activation_checkpointing(model, every)
+    expected = {1: ["blocks.0", "blocks.1", "blocks.2", "decoder_blocks.0", "decoder_blocks.1"],
+                2: ["blocks.0", "blocks.2", "decoder_blocks.0"]}[every]  # fmt: skip
+    assert chosen == expected
+    assert list(model.state_dict()) == keys  # names unchanged: checkpoints load either way
+    loss_c, _, _ = model(imgs, noise=noise)
+    loss_c.backward()
+    assert torch.equal(loss_c, loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-7, rtol=1e-6, msg=n)
+
+    twin = copy.deepcopy(model)  # the checkpointed forward must run the copy's own weights
+    with torch.no_grad():
+        twin.decoder_pred.bias.add_(1.0)
+    assert not torch.allclose(twin(imgs, noise=noise)[1], model(imgs, noise=noise)[1])
+    assert apply_activation_checkpointing(model, 0) == []
+    assert not any(is_checkpointed(b) for b in [*model.blocks, *model.decoder_blocks])
+
+
+def test_checkpointing_rejects_bad_every():
+    with pytest.raises(ValueError, match="checkpoint_activations"):
+        apply_activation_checkpointing(tiny(), -1)
+
+
+# --- parameters, gradients, init -----------------------------------------------------------------
+
+
+def test_preset_parameter_counts_on_meta():
+    counts = {name: count_params(name) for name in ARCHS}
+    assert abs(counts["vit_l"]["encoder"] - 304e6) / 304e6 < 0.01
+    assert abs(counts["vit_h"]["encoder"] - 632e6) / 632e6 < 0.01
+    assert 1.0e9 < counts["vit_g"]["encoder"] < 1.1e9
+    assert abs(counts["vit_2b"]["encoder"] - 2.0e9) / 2.0e9 < 0.05
+    assert counts["vit_b"]["encoder"] < counts["vit_l"]["encoder"]
+    assert counts["tiny"]["total"] < 1e6
+    for name in ["vit_l", "vit_h", "vit_g", "vit_2b"]:
+        assert 12e6 < counts[name]["decoder"] < 16e6  # 4 x 512 decoder
+    model = tiny()
+    assert count_params(model)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny(mask_type="tube", mask_ratio=0.75)
+    loss, _, _ = model(clips())
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(**{**TINY64, "embed_dim": 256, "decoder_embed_dim": 128, "img_size": 112})
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert m.weight.abs().max() <= bound, name
+            assert abs(m.weight.std().item() - bound / math.sqrt(3)) < 0.1 * bound, name
+            assert torch.count_nonzero(m.bias) == 0, name
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.count_nonzero(m.bias) == 0
+    w = model.patch_embed.proj.weight  # (D, C, t, p, p) as a 2-D (D, C*t*p*p) matrix
+    bound = math.sqrt(6 / (w.shape[0] + w[0].numel()))
+    assert w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+    assert torch.count_nonzero(model.patch_embed.proj.bias) == 0
+    tables = torch.cat([p.flatten() for n, p in model.named_parameters() if "pos_embed" in n])
+    assert abs(tables.std().item() - 0.02) < 0.002 and abs(tables.mean().item()) < 0.002
+    tokens = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("token")])
+    assert abs(tokens.std().item() - 0.02) < 0.005 and tokens.abs().max() > 0
+
+
+def test_init_module_touches_only_its_own_parameters():
+    model = tiny()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    init_module_(model)  # the MAE's own tables and tokens only
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, _ in model.named_parameters(recurse=False)}
+    # a ZeRO-3 partition holds no data here: skipped, not an error
+    layer = nn.Linear(4, 4)
+    layer.weight.data = torch.empty(0)
+    init_module_(layer)
+    assert torch.count_nonzero(layer.bias) == 0
+    with pytest.raises(TypeError, match="no init rule for Embedding"):
+        init_module_(nn.Embedding(3, 4))
+
+
+# --- flops, precision, bad input -----------------------------------------------------------------
+
+
+def test_forward_flops_match_torch_flop_counter():
+    """The analytic count equals PyTorch's FlopCounterMode on the readable attention path."""
+    model = tiny(attention="math", mask_ratio=0.75)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(clips(batch=2))
+    assert counter.get_total_flops() == 2 * forward_flops(model)["total"]
+    assert train_step_flops(model.config, batch_size=2) == 3 * 2 * forward_flops(model)["total"]
+    assert train_step_flops("vit_l") == 3 * forward_flops("vit_l")["total"]
+
+
+def test_tiny_runs_at_112px_in_bf16_autocast():
+    model = MaskedAutoencoderViT(**ARCHS["tiny"], img_size=112, num_frames=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, mask = model(clips(batch=1, frames=16, size=112))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert pred.shape == (1, 8 * 7 * 7, 1 * 16 * 16 * 3) and (mask == 0).sum() == int(392 * 0.1)
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match=r"do not match the model's \(B, 3, 8, 64, 64\)"):
+        tiny()(clips(size=32))
+    with pytest.raises(ValueError, match="mask_type 'blocks' is not one of"):
+        tiny(mask_type="blocks")
+    with pytest.raises(ValueError, match="pred_t_dim 3"):
+        tiny(pred_t_dim=3)
+    with pytest.raises(ValueError, match="does not tile"):
+        tiny(img_size=70)
+    with pytest.raises(ValueError, match=r"mask_ratio 1.0 is outside"):
+        tiny()(clips(), mask_ratio=1.0)

@@ -1,0 +1,146 @@
+"""Pretraining through DeepSpeed on CPU: 2 real ranks (gloo), ZeRO-3/ZeRO-2, 2 'nodes' on localhost."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+
+import pytest
+
+from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, step_losses, torchrun
+
+STEPS = 24
+BASE = ["--config", "demo", f"train.steps={STEPS}", "log.every_steps=1", "checkpoint.every_steps=0",
+        "schedule.warmup_steps=3", "train.precision=fp32", "data.workers=1"]
+METRIC_KEYS = ("loss", "lr", "grad_norm", "clips_per_s", "tflops_per_device", "mfu", "data_wait_frac",
+               "peak_mem_gb")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, demo_shards):
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    torchrun(BASE + [f"run.dir={run}"])
+    return run
+
+
+def _start(run):
+    return next(m for m in metrics(run) if m.get("event") == "start")
+
+
+def _falls(losses: dict[int, float]) -> bool:
+    values = [losses[s] for s in sorted(losses)]
+    return sum(values[-5:]) / 5 < sum(values[:5]) / 5
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_loss_falls_and_parameters_are_partitioned(zero3_run):
+    losses = step_losses(zero3_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert _falls(losses), losses
+    start = _start(zero3_run)
+    assert start["zero_stage"] == 3 and start["world_size"] == 2
+    total, per_rank = start["params_total"], start["params_per_rank"]
+    assert len(per_rank) == 2
+    for held in per_rank:  # each rank holds about half (ZeRO pads partitions to equal size)
+        assert abs(held - total / 2) <= 0.01 * total, (held, total)
+
+
+@pytest.mark.slow
+def test_metrics_jsonl_wandb_offline_and_outputs(zero3_run):
+    records = [m for m in metrics(zero3_run) if "loss" in m]
+    for record in records:
+        for key in METRIC_KEYS:
+            assert key in record and record[key] is not None and math.isfinite(record[key]), (key, record)
+    assert 0 <= records[-1]["data_wait_frac"] <= 1 and records[-1]["clips_per_s"] > 0
+    assert records[-1]["lr"] > 0
+    offline_runs = list((zero3_run / "wandb").glob("offline-run-*"))
+    assert offline_runs, "wandb offline run folder missing"
+    assert (zero3_run / "config.yaml").is_file()
+    assert (zero3_run / "reconstruction.png").stat().st_size > 1000
+    assert (zero3_run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_gives_the_same_losses(zero3_run, tmp_path):
+    run = tmp_path / "ckpt"
+    torchrun(BASE + [f"run.dir={run}", "model.checkpoint_activations=1", "log.wandb=off"])
+    plain, ckpt = step_losses(zero3_run), step_losses(run)
+    assert sorted(plain) == sorted(ckpt)
+    for step in plain:  # fp32, same weights, data and masks: recomputation changes nothing
+        assert ckpt[step] == pytest.approx(plain[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_zero2_trains_with_whole_parameters_on_each_rank(tmp_path):
+    run = tmp_path / "zero2"
+    torchrun(BASE + [f"run.dir={run}", "deepspeed.config=zero2.json", "log.wandb=off"])
+    assert _falls(step_losses(run))
+    start = _start(run)
+    assert start["zero_stage"] == 2 and start["params_per_rank"] == [start["params_total"]] * 2
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_agree_with_one_node(zero3_run, tmp_path):
+    """Two launcher invocations (node ranks 0 and 1, one process each) = one node with 2 ranks."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run = tmp_path / "two_nodes"
+    port = free_port()
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "mae_scale.pretrain",
+               *BASE, f"run.dir={run}", "log.wandb=off"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-6000:]
+    one_node, two_nodes = step_losses(zero3_run), step_losses(run)
+    assert sorted(two_nodes) == sorted(one_node)
+    for step in one_node:
+        assert two_nodes[step] == pytest.approx(one_node[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "overrides, env, needle",
+    [
+        (["data.shards=/nonexistent/shards"], {}, "data.shards='/nonexistent/shards': no manifest.json"),
+        (["train.global_batch_size=6"], {"WORLD_SIZE": "4"}, "must divide across 4 ranks x 1 grad_accum"),
+        (["deepspeed.config=zero9.json"], {}, "deepspeed.config='zero9.json': no such file"),
+        (["model.mask_type=tubes"], {}, "model.mask_type='tubes': must be one of random, tube, frame, cube"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tmp_path, overrides, env, needle):
+    run = tmp_path / "bad"
+    t0 = time.monotonic()
+    proc = pretrain(["--config", "demo", f"run.dir={run}", *overrides], env=cpu_env(**env), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert needle in proc.stderr
+    assert not run.exists(), "a bad config must not create the run folder"
+    assert time.monotonic() - t0 < 60
+
+
+def test_conflicting_deepspeed_file_is_named(tmp_path):
+    ds = tmp_path / "mine.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 7,
+                              "gradient_clipping": 5.0}))
+    proc = pretrain(["--config", "demo", f"run.dir={tmp_path / 'run'}", f"deepspeed.config={ds}"], check=False)
+    assert proc.returncode == 2
+    assert "train_micro_batch_size_per_gpu=7 (run config gives 4)" in proc.stderr
+    assert "gradient_clipping=5.0 (run config gives 1.0)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_losses_are_skipped_counted_then_stop_the_run(tmp_path, demo_shards):
+    """A huge lr drives the weights to inf: steps are skipped (no backward), then the run stops clearly."""
+    run = tmp_path / "nan"
+    proc = pretrain(["--config", "demo", f"run.dir={run}", "train.steps=60", "optim.base_lr=1e9",
+                     "schedule.warmup_steps=0", "train.grad_clip=0", "train.max_nonfinite_steps=3",
+                     "log.every_steps=1", "log.wandb=off", "checkpoint.every_steps=0", "data.workers=0"],
+                    check=False)
+    assert proc.returncode != 0
+    assert "3 consecutive non-finite losses" in proc.stderr
+    assert "batch skipped" in proc.stderr

@@ -1,0 +1,125 @@
+"""Benchmark one MAE-ST training step (forward + backward) of a preset: time, memory, FLOP/s, MFU.
+
+    python tools/bench_model.py --preset vit_b --batch 2 --precision bf16 --backend sdpa
+    python tools/bench_model.py --preset vit_l --batch 16 --ckpt 1 --device cuda   # MFU vs 989 on H100
+
+Synthetic normalized clips (the model's speed does not depend on pixel values); no optimizer step.
+FLOPs come from `mae_scale.model.flops.train_step_flops` (3 x analytic forward). MFU = achieved
+FLOP/s / peak: `--peak-tflops`, or the table below for known GPUs in bf16; otherwise "n/a".
+Peak memory: CUDA max allocated on GPU; on CPU the process's peak RSS (everything, not just tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mae_scale.model import MaskedAutoencoderViT, apply_activation_checkpointing, arch, train_step_flops  # noqa: E402
+from mae_scale.model.presets import ARCHS  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring; SXM parts (PCIe H100: 756).
+KNOWN_BF16_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=list(ARCHS))
+    ap.add_argument("--batch", type=int, default=2, help="clips per step")
+    ap.add_argument("--backend", default="auto", choices=["auto", "sdpa", "math", "xformers"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--pred-t-dim", type=int, default=None, help="default: frames / 2, as mae_st")
+    ap.add_argument("--mask-type", default="random", choices=["random", "tube", "frame", "cube"])
+    ap.add_argument("--mask-ratio", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--ckpt", type=int, default=0, help="activation checkpointing: every k-th block, 0 none")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return ap.parse_args(argv)
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float | None, str]:
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    if device.type == "cuda" and args.precision == "bf16":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in KNOWN_BF16_PEAKS.items():
+            if key in name:
+                return peak, f"{name} dense bf16"
+    return None, "unknown: pass --peak-tflops"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kwargs = dict(
+        arch(args.preset), img_size=args.size, num_frames=args.frames,
+        pred_t_dim=args.pred_t_dim or args.frames // 2, mask_type=args.mask_type,
+        mask_ratio=args.mask_ratio, attention=args.backend,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(**kwargs, device=device)
+    apply_activation_checkpointing(model, args.ckpt)
+    imgs = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        with autocast:
+            loss, _, _ = model(imgs)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+
+    sec = statistics.median(times)
+    flops = train_step_flops(model.config, batch_size=args.batch)
+    achieved = flops / sec / 1e12
+    peak, peak_src = peak_tflops(args, device)
+    if device.type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)"
+        where = torch.cuda.get_device_name(device)
+    else:
+        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+        where = f"cpu, {torch.get_num_threads()} threads"
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"preset={args.preset} params={params / 1e6:.1f}M clip={args.frames}x{args.size} batch={args.batch} "
+        f"precision={args.precision} attention={model.attention_backend()} ckpt={args.ckpt} "
+        f"mask={args.mask_type}:{args.mask_ratio} device={where} torch={torch.__version__}"
+    )
+    mfu = f"{100 * achieved / peak:.1f}% of {peak:g} ({peak_src})" if peak else f"n/a ({peak_src})"
+    print(
+        f"step {sec * 1e3:.1f} ms (median of {args.steps}; min {min(times) * 1e3:.1f}, "
+        f"max {max(times) * 1e3:.1f}) | {args.batch / sec:.2f} clips/s | "
+        f"{flops / args.batch / 1e9:.1f} GFLOP/clip | {achieved:.3f} TFLOP/s | MFU {mfu} | peak mem {mem}"
+    )
+
+
+if __name__ == "__main__":
+    main()
