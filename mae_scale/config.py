@@ -188,6 +188,11 @@ class Config:
         choice("model.attention", m.attention, ATTENTION_BACKENDS)
         if not 0.0 <= m.mask_ratio < 1.0:
             bad("model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
+        if m.mask_type == "frame" and d.num_frames % m.t_patch_size == 0:
+            slices = d.num_frames // m.t_patch_size
+            if int(slices * (1 - m.mask_ratio)) < 1:
+                bad("model.mask_ratio", m.mask_ratio, f"with model.mask_type='frame' must keep at least one of "
+                    f"{slices} time slices: at most {1 - 1 / slices:.4g}")
         positive("model.checkpoint_activations", m.checkpoint_activations, zero_ok=True)
         positive("model.t_patch_size", m.t_patch_size)
         positive("model.pred_t_dim", m.pred_t_dim)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from mae_scale.config import DEMO_SHARDS, Config, ConfigError
 
@@ -26,9 +25,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # DeepSpeed's ZeRO-3 calls torch's deprecated collective names every step: keep the console readable.
-    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
-                            category=FutureWarning)
     args = parse_args(argv)
     world_hint = int(os.environ.get("WORLD_SIZE", "1"))
     try:

@@ -58,6 +58,7 @@ def test_yaml_path_and_saved_round_trip(tmp_path):
         ("data.flip=maybe", "data.flip='maybe': expected true or false"),
         ("model=3", "model='3': is a section"),
         ("train.steps", "expected key.sub=value"),
+        ("model.mask_type=frame", "model.mask_ratio=0.9: with model.mask_type='frame' must keep at least one of 4"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, needle):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,3 +388,17 @@ def test_bad_inputs_name_the_problem():
         tiny(img_size=70)
     with pytest.raises(ValueError, match=r"mask_ratio 1.0 is outside"):
         tiny()(clips(), mask_ratio=1.0)
+
+
+def test_bench_tool_runs(capsys):
+    """tools/bench_model.py end to end on the tiny preset (a smoke test: numbers are not checked)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = (
+        "--preset tiny --batch 1 --frames 8 --size 32 --steps 1 --warmup 0 --peak-tflops 1 --mask-ratio 0.75"
+    )
+    bench.main([*args.split(), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "clips/s" in out and "MFU" in out and "% of 1 (--peak-tflops)" in out

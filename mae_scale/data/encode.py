@@ -37,7 +37,7 @@ def output_size(width: int, height: int, max_short_side: int | None) -> tuple[in
     scale = 1.0
     if max_short_side is not None and min(width, height) > max_short_side:
         scale = max_short_side / min(width, height)
-    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+    return max(2, int(width * scale / 2 + 0.5) * 2), max(2, int(height * scale / 2 + 0.5) * 2)
 
 
 def _open_encoder(out: io.BytesIO, width: int, height: int, rate: Fraction, opts: EncodeOptions):

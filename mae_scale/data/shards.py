@@ -186,7 +186,8 @@ class ShardWriter:
 
     @property
     def bytes(self) -> int:
-        return self._out.size
+        """Tar bytes so far (the stream buffers, so this is the archive's offset, not the file's size)."""
+        return self._tar.offset
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key or "/" in key:

@@ -130,7 +130,7 @@ class ClipStream(IterableDataset):
         rng = random.Random(stable_seed(spec.seed, "buffer", epoch, slot, spec.slots))
         return iter(
             wds.DataPipeline(
-                shards,
+                lambda: iter(shards),
                 lambda src: self._read(src, keep),
                 wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng) if spec.shuffle_buffer > 1 else None,
             )

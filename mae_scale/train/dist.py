@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,9 @@ def init_distributed() -> tuple[int, int, int]:
     """Join the process group the launcher describes (or a group of one); returns (rank, local_rank, world)."""
     import deepspeed
 
+    # DeepSpeed's ZeRO-3 calls torch's deprecated collective names every step: keep the console readable.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
     if "RANK" not in os.environ:  # plain `python -m mae_scale.pretrain`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -65,8 +65,11 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     if restored is not None:
         tag, state = restored
         start_step = int(engine.global_steps)
-        if "other_world" in state:
-            replay_note = loader.load_state_from_other_world(state["other_world"], rank=rank)
+        if "other_world" in state:  # another world size: the stream restarts at an epoch boundary
+            old = [s["loader"] for s in state["other_world"]]
+            epoch = loader.load_nearest_safe_point(old)
+            replay_note = (f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
+                           f"{epoch} (what the old run saw of it is replayed, nothing is skipped)")
         else:
             loader.load_state_dict(state["loader"])
             replay_note = "data stream continues exactly"

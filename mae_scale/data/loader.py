@@ -1,0 +1,312 @@
+"""The training data loader: infinite, exactly resumable streams of uint8 clip batches.
+
+    loader = build_loader(cfg.data, batch_size=8, seed=0, rank=rank, world_size=world)
+    for step, batch in zip(range(steps), loader):   # batch["clips"]: (B*R, C, T, H, W) uint8
+        ...
+    ckpt["data"] = loader.state_dict()               # position after the last batch received
+
+Each DataLoader worker runs one `ClipStream` and builds whole batches (a batch is one worker's
+videos); the DataLoader hands them out round-robin, in order. The position is therefore counted
+here, in the main process, from the batches the trainer actually received (never from what the
+workers prefetched): per worker (epoch, items consumed) plus which worker comes next. Every rank
+yields forever, epochs following each other, so ranks running a fixed number of steps never wait
+on each other at the end of the data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from mae_scale.data.decode import VideoLimits
+from mae_scale.data.shards import MAX_MEMBER_BYTES, read_manifest
+from mae_scale.data.stream import BadDataError, ClipStream, ShardRef, StreamSpec
+from mae_scale.data.transforms import ClipSpec
+
+__all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class DataStateError(ValueError):
+    """A saved loader position that does not fit this loader; the message names the field."""
+
+
+class _Totals:
+    """Stats summed over the batches received (their deltas ride along with each batch)."""
+
+    def __init__(self, d: dict[str, Any] | None = None):
+        d = d or {}
+        self.samples, self.decoded = int(d.get("samples", 0)), int(d.get("decoded", 0))
+        self.bad, self.info = Counter(d.get("bad", {})), Counter(d.get("info", {}))
+        self.examples: dict[str, str] = dict(d.get("examples", {}))
+
+    def add(self, delta: dict[str, Any]) -> None:
+        self.samples += delta["samples"]
+        self.decoded += delta["decoded"]
+        self.bad.update(delta["bad"])
+        self.info.update(delta["info"])
+        for reason, example in delta["examples"].items():
+            self.examples.setdefault(reason, example)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "decoded": self.decoded,
+            "bad": dict(self.bad),
+            "info": dict(self.info),
+            "examples": dict(self.examples),
+        }
+
+
+class ClipLoader:
+    """Iterable over batch dicts: "clips" uint8 (batch_size * R, C, T, H, W), "keys" and "labels"
+    (one entry per clip, so each sample's key appears R times in a row) and "epoch" (the epoch of
+    the batch's first sample, counted per worker stream).
+    """
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        *,
+        manifest_id: str,
+        num_workers: int,
+        max_bad_ratio: float,
+        min_samples: int = 20,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        timeout_s: float = 0.0,
+        multiprocessing_context: str | None = None,
+        source: str = "",
+    ):
+        self.spec, self.manifest_id, self.source = spec, manifest_id, source
+        self.num_workers, self.max_bad_ratio, self.min_samples = num_workers, max_bad_ratio, min_samples
+        self.pin_memory, self.prefetch_factor, self.timeout_s = pin_memory, prefetch_factor, timeout_s
+        self.multiprocessing_context = multiprocessing_context
+        self._positions: list[tuple[int, int]] = [(0, 0)] * spec.workers
+        self._next = 0  # logical worker whose batch comes next
+        self._totals = _Totals()
+
+    # -- iteration ------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = ClipStream(self.spec, list(self._positions), worker_offset=self._next)
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            extra = dict(
+                persistent_workers=True,
+                prefetch_factor=self.prefetch_factor,
+                multiprocessing_context=self.multiprocessing_context,
+                timeout=self.timeout_s,
+            )
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
+        )
+        for batch in loader:
+            worker = batch.pop("_worker")
+            if worker != self._next:
+                raise RuntimeError(f"batch from worker {worker} where worker {self._next} was due: order is lost")
+            epoch, consumed = batch.pop("_position")
+            self._positions[worker] = (int(epoch), int(consumed))
+            self._next = (worker + 1) % self.spec.workers
+            self._totals.add(batch.pop("_stats"))
+            self._check_bad_ratio()
+            yield batch
+
+    def _check_bad_ratio(self) -> None:
+        t = self._totals
+        bad = sum(t.bad.values())
+        seen = bad + t.samples
+        if seen < self.min_samples or bad <= self.max_bad_ratio * seen:
+            return
+        reasons = "; ".join(
+            f"{reason} x{n} (e.g. {t.examples.get(reason, '?')})" for reason, n in t.bad.most_common(3)
+        )
+        raise BadDataError(
+            f"rank {self.spec.rank}: {bad} of {seen} samples are bad ({bad / seen:.1%}), above "
+            f"data.max_bad_ratio={self.max_bad_ratio:.1%}. Most frequent: {reasons}. "
+            f"Check the shards with: python tools/verify_shards.py {self.source or '<shards dir>'}"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counts over the batches received so far (restored ones included): samples, bad per reason, ..."""
+        d = self._totals.as_dict()
+        bad = sum(self._totals.bad.values())
+        d["clips"] = d["samples"] * self.spec.clip.repeats
+        d["bad_total"] = bad
+        d["bad_ratio"] = bad / max(1, bad + d["samples"])
+        d["epoch"] = min(e for e, _ in self._positions)
+        return d
+
+    # -- position -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable position after the last batch the caller received.
+
+        `positions[w]` = [epoch, items consumed in that epoch] of logical worker w (items are
+        samples and tar faults out of the shuffle buffer); `epoch` is the coarse position, the
+        epoch every stream of this rank has reached.
+        """
+        return {
+            "version": STATE_VERSION,
+            "manifest": self.manifest_id,
+            "seed": self.spec.seed,
+            "rank": self.spec.rank,
+            "world_size": self.spec.world_size,
+            "workers": self.spec.workers,
+            "batch_size": self.spec.batch_size,
+            "next_worker": self._next,
+            "positions": [list(p) for p in self._positions],
+            "epoch": min(e for e, _ in self._positions),
+            "stats": self._totals.as_dict(),
+        }
+
+    def _check_state(self, d: dict[str, Any], fields: Sequence[str]) -> None:
+        if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+            got = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise DataStateError(f"data loader state version {got!r} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        bad = [f"{k}: saved {d.get(k)!r}, now {mine[k]!r}" for k in fields if d.get(k) != mine[k]]
+        if bad:
+            raise DataStateError(
+                "saved data loader position does not fit this loader (" + "; ".join(bad) + "). "
+                "For another world size or worker count use load_nearest_safe_point()."
+            )
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Continue exactly where a loader with the same data, seed, rank, world size and workers stopped.
+
+        Call before iter(). The batch size may differ: each worker's stream continues exactly,
+        only the grouping of samples into batches changes.
+        """
+        self._check_state(d, ("manifest", "seed", "rank", "world_size", "workers"))
+        positions = d["positions"]
+        if len(positions) != self.spec.workers or not 0 <= d["next_worker"] < self.spec.workers:
+            raise DataStateError(f"saved positions {positions} / next_worker {d['next_worker']} are malformed")
+        self._positions = [(int(e), int(c)) for e, c in positions]
+        self._next = int(d["next_worker"])
+        self._totals = _Totals(d.get("stats"))
+
+    def load_nearest_safe_point(self, states: Sequence[dict[str, Any]], policy: str = "replay") -> int:
+        """Resume from the states of all old ranks when world size or workers changed; returns the epoch.
+
+        Positions inside an epoch do not carry over to another split of the data, so every stream
+        restarts at the start of one epoch. `replay` (default): the earliest epoch any old stream
+        was in; samples the old run saw in that epoch (and any later one) are seen again, none is
+        skipped. `skip`: the epoch after the latest one any old stream had started; the unseen rest
+        of unfinished epochs is skipped, nothing is repeated. Stats restart from zero.
+        """
+        if not states:
+            raise DataStateError("load_nearest_safe_point needs the saved state of at least one rank")
+        for d in states:
+            self._check_state(d, ("manifest", "seed"))
+        positions = [(int(e), int(c)) for d in states for e, c in d["positions"]]
+        if policy == "replay":
+            epoch = min(e for e, _ in positions)
+        elif policy == "skip":
+            epoch = max(e + (c > 0) for e, c in positions)
+        else:
+            raise ValueError(f"policy must be 'replay' or 'skip', got {policy!r}")
+        self._positions = [(epoch, 0)] * self.spec.workers
+        self._next = 0
+        self._totals = _Totals()
+        return epoch
+
+
+def build_loader(
+    data_cfg: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    timeout_s: float = 0.0,
+    decode_timeout_s: float = 60.0,
+    min_samples: int = 20,
+    prefetch_factor: int = 2,
+    multiprocessing_context: str | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> ClipLoader:
+    """A `ClipLoader` for one rank from a `DataConfig` (see mae_scale.config for the fields).
+
+    `batch_size` counts videos per batch (each gives `data.repeats` clips). `timeout_s` > 0 makes a
+    wait of that long for one batch an error instead of a silent hang; `decode_timeout_s` caps the
+    wall time of one video's decode; `min_samples` is how many samples must be seen before the
+    bad-sample ratio can stop the run.
+    """
+    errors = []
+    if batch_size < 1:
+        errors.append(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        errors.append(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    for key, ok, allowed in (
+        ("workers", data_cfg.workers >= 0, ">= 0"),
+        ("shuffle_buffer", data_cfg.shuffle_buffer >= 0, ">= 0"),
+        ("max_bad_ratio", 0 <= data_cfg.max_bad_ratio <= 1, "in [0, 1]"),
+        ("max_pixels", data_cfg.max_pixels > 0, "> 0"),
+        ("min_side", data_cfg.min_side >= 1, ">= 1"),
+    ):
+        if not ok:
+            errors.append(f"data.{key} must be {allowed}, got {getattr(data_cfg, key)!r}")
+    try:
+        clip = ClipSpec(
+            data_cfg.num_frames,
+            data_cfg.stride,
+            data_cfg.size,
+            data_cfg.repeats,
+            tuple(data_cfg.crop_scale),
+            tuple(data_cfg.crop_aspect),
+            data_cfg.flip,
+            data_cfg.short_video,
+        )
+    except ValueError as exc:
+        errors.append(str(exc))
+    if errors:
+        raise ValueError("bad data loader settings: " + "; ".join(errors))
+
+    manifest, urls = read_manifest(data_cfg.shards)
+    workers = max(1, data_cfg.workers)
+    slots = world_size * workers
+    if manifest.total_samples < slots:
+        raise ValueError(
+            f"{data_cfg.shards}: {manifest.total_samples} samples cannot feed {world_size} ranks x "
+            f"{workers} workers = {slots} streams; lower data.workers or add data"
+        )
+    if len(manifest.shards) < slots and rank == 0:
+        log.warning(
+            "%s: %d shards for %d streams (ranks x workers): every worker reads every shard and keeps "
+            "1 sample in %d; fine for small data, wasteful for large",
+            data_cfg.shards,
+            len(manifest.shards),
+            slots,
+            slots,
+        )
+    spec = StreamSpec(
+        shards=tuple(ShardRef(url, s.name, s.samples) for url, s in zip(urls, manifest.shards)),
+        clip=clip,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        limits=VideoLimits(data_cfg.max_pixels, data_cfg.min_side, decode_timeout_s),
+        max_member_bytes=max_member_bytes,
+    )
+    return ClipLoader(
+        spec,
+        manifest_id=manifest.fingerprint(),
+        num_workers=data_cfg.workers,
+        max_bad_ratio=data_cfg.max_bad_ratio,
+        min_samples=min_samples,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        timeout_s=timeout_s,
+        multiprocessing_context=multiprocessing_context,
+        source=str(data_cfg.shards),
+    )

@@ -1,0 +1,137 @@
+"""PyAV decoding, encoding and clip sampling: golden frames, guards, policies."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mae_scale.data.decode import BadVideo, VideoLimits, decode_frames, open_video, probe
+from mae_scale.data.encode import EncodeOptions, output_size, transcode
+from mae_scale.data.transforms import ClipSpec, crop_resize, make_clips, plan_clips, random_resized_crop
+
+LIMITS = VideoLimits()
+
+
+def rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+@pytest.mark.parametrize("gop", [8, 300])  # short GOP: seeks land near; long GOP: decode from frame 0
+def test_golden_frames_after_seek(index_video, read_frame_index, codec, gop):
+    data = index_video(frames=60, codec=codec, gop=gop)
+    assert probe(data).frames == 60
+    for wanted in ([0, 4, 8, 12], [21, 25, 29, 33, 37], [50, 59], [3, 3 + 7, 3 + 14], [59]):
+        got = [read_frame_index(f) for f in decode_frames(data, wanted, rgb, LIMITS)]
+        assert got == wanted, f"{codec} gop {gop}: asked {wanted}, got {got}"
+
+
+def test_duplicate_wanted_frames_decoded_once(index_video, read_frame_index):
+    data = index_video(frames=20)
+    calls = []
+    frames = decode_frames(data, [2, 5, 9], lambda f: calls.append(1) or rgb(f), LIMITS)
+    assert [read_frame_index(f) for f in frames] == [2, 5, 9] and len(calls) == 3
+
+
+def test_frames_past_the_end_are_a_named_fault(index_video):
+    data = index_video(frames=20)
+    with pytest.raises(BadVideo) as err:
+        decode_frames(data, [10, 25], rgb, LIMITS)
+    assert err.value.reason == "frames_mismatch"
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty_video"), (b"\x00garbage" * 100, "undecodable")],
+)
+def test_unusable_bytes(data, reason):
+    with pytest.raises(BadVideo) as err:
+        probe(data)
+    assert err.value.reason == reason
+
+
+def test_size_guard_before_any_decode(index_video):
+    data = index_video(frames=5, width=128, height=96)
+    with pytest.raises(BadVideo) as err:  # open_video checks the declared size; it decodes nothing
+        with open_video(data, VideoLimits(max_pixels=100 * 100)):
+            pass
+    assert err.value.reason == "too_large" and "128x96" in err.value.detail
+    with pytest.raises(BadVideo) as err:
+        with open_video(data, VideoLimits(min_side=100)):
+            pass
+    assert err.value.reason == "too_small"
+
+
+def test_transcode_keeps_frames_and_resamples(index_video, read_frame_index):
+    data = index_video(frames=50, fps=25.0, width=128, height=96)
+    same, info = transcode(data, EncodeOptions(max_short_side=48, gop=4))
+    assert (info.frames, info.width, info.height, info.fps) == (50, 64, 48, 25.0)
+    assert probe(same).frames == 50
+    got = [read_frame_index(f) for f in decode_frames(same, [0, 17, 49], rgb, LIMITS)]
+    assert got == [0, 17, 49]
+    half, info = transcode(data, EncodeOptions(max_short_side=None, fps=12.5))
+    assert info.frames == 25 and probe(half).frames == 25
+    got = [read_frame_index(f) for f in decode_frames(half, list(range(25)), rgb, LIMITS)]
+    assert got == list(range(0, 50, 2))  # nearest source frame in time
+
+
+def test_output_size_even_and_capped():
+    assert output_size(1280, 720, 128) == (228, 128)
+    assert output_size(176, 144, 128) == (156, 128)
+    assert output_size(101, 51, None) == (102, 52)
+
+
+def test_plan_clips_policies():
+    rng = random.Random(0)
+    spec = ClipSpec(num_frames=4, stride=3, repeats=5)  # span 10
+    clips, note = plan_clips(40, spec, rng)
+    assert note is None and len(clips) == 5
+    assert all(c == list(range(c[0], c[0] + 10, 3)) and c[-1] < 40 for c in clips)
+    clips, note = plan_clips(7, spec, rng)  # too short for stride 3: stride 2 fits (span 7)
+    assert note == "short_stride" and all(c == [0, 2, 4, 6] for c in clips)
+    with pytest.raises(BadVideo, match="too_few_frames"):
+        plan_clips(3, spec, rng)  # fewer frames than T
+    clips, note = plan_clips(5, ClipSpec(num_frames=4, stride=3, short_video="loop"), rng)
+    assert note == "short_loop" and all(c == [(c[0] + 3 * i) % 5 for i in range(4)] for c in clips)
+    with pytest.raises(BadVideo, match="too_few_frames"):
+        plan_clips(7, ClipSpec(num_frames=4, stride=3, short_video="skip"), rng)
+
+
+def test_clip_spec_errors_name_the_field():
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        ClipSpec(stride=0)
+    with pytest.raises(ValueError, match="short_video must be one of"):
+        ClipSpec(short_video="pad")
+
+
+def test_random_resized_crop_in_bounds():
+    rng = random.Random(1)
+    for height, width in [(128, 228), (96, 64), (40, 400)]:
+        for _ in range(200):
+            top, left, h, w = random_resized_crop(height, width, (0.5, 1.0), (0.75, 1.3333), rng)
+            assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+
+
+def test_crop_resize_shape_flip_and_identity():
+    frames = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)  # (T, H, W, C)
+    out = crop_resize(frames, (0, 0, 8, 8), 8, flip=False)
+    assert out.shape == (3, 3, 8, 8) and out.dtype == torch.uint8  # (C, T, H, W)
+    assert torch.equal(out, frames.permute(3, 0, 1, 2))  # same size: bilinear is the identity
+    assert torch.equal(crop_resize(frames, (0, 0, 8, 8), 8, flip=True), out.flip(-1))
+
+
+def test_make_clips_shape(index_video, read_frame_index):
+    spec = ClipSpec(num_frames=4, stride=2, size=32, repeats=3, crop_scale=(1.0, 1.0), crop_aspect=(4 / 3, 4 / 3))
+    rng = random.Random(0)
+    plan, _ = plan_clips(30, spec, rng)
+    wanted = sorted({i for c in plan for i in c})
+    decoded = decode_frames(index_video(frames=30), wanted, rgb, LIMITS)
+    clips = make_clips(torch.from_numpy(np.stack(decoded)), plan, spec, rng)
+    assert clips.shape == (3, 3, 4, 32, 32)
+    for clip, indices in zip(clips, plan):  # full-frame crop: the drawn index survives the resize
+        got = [read_frame_index(clip[:, t].numpy()) for t in range(4)]
+        flipped = [read_frame_index(clip[:, t].flip(-1).numpy()) for t in range(4)]
+        assert indices in (got, flipped)

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Training-step throughput through DeepSpeed vs the same model in plain PyTorch, side by side.
+
+    DS_ACCELERATOR=cpu python tools/bench_train.py --preset tiny --batch 4 --frames 8 --size 64 \
+        --ds-config zero3.json --steps 20
+    deepspeed --num_gpus 1 tools/bench_train.py --preset vit_l --batch 8 --ds-config zero3.json
+
+Measures steps/s, clips/s, TFLOP/s and MFU of the real step (forward, backward, optimizer; clips
+are synthetic uint8, normalized on the device, so the data loader is not part of it). The plain
+PyTorch step uses the same model, AdamW and precision (bf16 autocast with fp32 weights) without
+DeepSpeed; the ratio is DeepSpeed's overhead (or gain) on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from mae_scale.config import Config  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=4, help="clips per step per device")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--ds-config", default="zero3.json")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--ckpt", type=int, default=0, help="activation checkpointing: every k-th block")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=0.0)
+    p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from mae_scale.model.flops import train_step_flops
+    from mae_scale.model.mae import MaskedAutoencoderViT
+    from mae_scale.train import dist as D
+    from mae_scale.train.engine import build_engine, model_kwargs, param_groups
+    from mae_scale.train.loop import normalize_clips
+    from mae_scale.train.metrics import device_peak_tflops, peak_memory_gb
+
+    pred_t = max(2, args.frames // 2)
+    cfg = Config.load("demo", [
+        f"model.preset={args.preset}", f"data.num_frames={args.frames}", f"data.size={args.size}",
+        "data.repeats=1", f"train.batch_size={args.batch}", f"deepspeed.config={args.ds_config}",
+        f"train.precision={args.precision}", f"model.checkpoint_activations={args.ckpt}",
+        f"model.attention={args.attention}", f"model.pred_t_dim={pred_t}", "train.grad_clip=1.0",
+        f"train.steps={args.steps + args.warmup}", "schedule.warmup_steps=1"])
+    cfg.validate(check_paths=False)
+    rank, _, world = D.init_distributed()
+    built = build_engine(cfg, world)
+    engine = built.engine
+    dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
+    d = cfg.data
+    clips = torch.randint(0, 256, (args.batch, 3, d.num_frames, d.size, d.size), dtype=torch.uint8)
+    if torch.cuda.is_available():
+        clips = clips.pin_memory()
+
+    def ds_step():
+        loss, _, _ = engine(normalize_clips(clips, d.mean, d.std, dtype))
+        engine.backward(loss)
+        engine.step()
+
+    flops = train_step_flops(model_kwargs(cfg), batch_size=args.batch, mask_ratio=cfg.model.mask_ratio)
+    peak, source = device_peak_tflops(built.precision, args.peak_tflops)
+    results = {"preset": args.preset, "clips_per_step": args.batch, "frames": args.frames, "size": args.size,
+               "ds_config": args.ds_config, "precision": built.precision, "ckpt": args.ckpt,
+               "attention": engine.module.attention_backend(), "world_size": world,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "peak_tflops": round(peak, 2), "peak_source": source, "gflop_per_step": flops / 1e9}
+    t = timed(ds_step, args.steps, args.warmup)
+    results["deepspeed"] = _summary(t, args.batch, flops, peak, peak_memory_gb())
+    del engine, built
+    if not args.skip_plain and world == 1:
+        from mae_scale.model.checkpointing import apply_activation_checkpointing
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        model = MaskedAutoencoderViT(**model_kwargs(cfg)).to(D.device())
+        if args.ckpt:
+            apply_activation_checkpointing(model, every=args.ckpt)
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+        dev_type = D.device().type
+
+        def plain_step():
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss, _, _ = model(normalize_clips(clips, d.mean, d.std, torch.float32))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t_plain = timed(plain_step, args.steps, args.warmup)
+        results["plain_pytorch"] = _summary(t_plain, args.batch, flops, peak, peak_memory_gb())
+        results["deepspeed_over_plain_speed"] = round(t_plain / t, 3)
+    if rank == 0:
+        print(json.dumps(results, indent=1))
+    D.shutdown()
+    return 0
+
+
+def _summary(seconds: float, clips: int, flops: float, peak: float, mem_gb: float) -> dict:
+    tflops = flops / seconds / 1e12
+    return {"s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
+            "clips_per_s": round(clips / seconds, 2), "tflops": round(tflops, 4),
+            "mfu": round(tflops / peak, 4) if peak else None, "peak_mem_gb": round(mem_gb, 3)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
