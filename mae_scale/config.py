@@ -77,7 +77,7 @@ class TrainConfig:
     batch_size: int = 8  # videos per rank per micro-step, before repeats
     grad_accum: int = 1  # micro-steps per optimizer step
     global_batch_size: int = 0  # if > 0: videos per optimizer step over all ranks; sets batch_size
-    precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32
+    precision: str = "auto"  # auto: bf16 where the hardware runs it fast (GPU, AMX CPU), else fp32
     grad_clip: float = 0.02  # mae_st's clip for ViT-L
     max_nonfinite_steps: int = 20  # consecutive non-finite steps before the run stops
 

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from mae_scale.train.loop import train
 
     rank, _, world = D.init_distributed()
+    D.seed_everything(cfg.seed, rank)
     try:
         if rank == 0:
             cfg.save(cfg.run_dir / "config.yaml")

@@ -90,3 +90,7 @@ def synthetic_shards(tmp_path_factory, synthetic_videos) -> Path:
 def read_frame_index() -> Callable[[np.ndarray], int]:
     """The reader for frames drawn by `index_video`."""
     return read_index
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a longer test (still run in CI; keep these few)")

@@ -24,7 +24,7 @@ def rgb(frame) -> np.ndarray:
 def test_golden_frames_after_seek(index_video, read_frame_index, codec, gop):
     data = index_video(frames=60, codec=codec, gop=gop)
     assert probe(data).frames == 60
-    for wanted in ([0, 4, 8, 12], [21, 25, 29, 33, 37], [50, 59], [3, 3 + 7, 3 + 14], [59]):
+    for wanted in ([0, 4, 8, 12], [21, 25, 29, 33, 37], [50, 59], [3, 10, 17], [59], [2, 40, 55], [5, 6, 30, 31, 58]):
         got = [read_frame_index(f) for f in decode_frames(data, wanted, rgb, LIMITS)]
         assert got == wanted, f"{codec} gop {gop}: asked {wanted}, got {got}"
 

@@ -134,48 +134,61 @@ def decode_frames(
 ) -> list[T]:
     """Return `convert(frame)` for every index in `wanted` (ascending), decoding as little as possible.
 
-    Seeks to the keyframe at or before the first wanted index, decodes forward and converts only
-    wanted frames. A wanted index that falls in a timestamp gap gets the frame shown at that time
-    (the last one before it). If the seek lands after the first wanted frame (a broken index),
-    decoding restarts from the beginning. Raises `BadVideo` if the stream ends before the last
-    wanted index: the sample's metadata does not match its video.
+    Seeks to the keyframe at or before the first wanted index and decodes forward, converting only
+    wanted frames. Where the next wanted frame is more than a GOP ahead (measured between the
+    keyframes seen), it seeks again instead of decoding through the gap. A wanted index that falls
+    in a timestamp gap gets the frame shown at that time (the last one before it). If a seek lands
+    after the wanted frame (a broken index), decoding restarts from the beginning and seeks no
+    more. Raises `BadVideo` if the stream ends before the last wanted index: the sample's metadata
+    does not match its video.
     """
     if not wanted or list(wanted) != sorted(wanted) or wanted[0] < 0:
         raise ValueError(f"wanted frame indices must be non-empty, ascending and >= 0, got {list(wanted)[:8]}")
     deadline = time.monotonic() + limits.timeout_s
     with open_video(data, limits) as (container, stream):
-        start, rate = stream.start_time or 0, _rate(stream)
-        if wanted[0] > 0:
-            container.seek(start + int(wanted[0] / (rate * stream.time_base)), stream=stream, backward=True)
+        start, ticks_per_frame = stream.start_time or 0, 1 / (_rate(stream) * stream.time_base)
+
+        def jump(index: int, old=None) -> Iterator[tuple[int, av.VideoFrame]]:
+            if old is not None:
+                old.close()
+            container.seek(start + int(index * ticks_per_frame), stream=stream, backward=True)
+            return _frames(container, stream, limits, deadline)
+
+        frames = jump(wanted[0]) if wanted[0] > 0 else _frames(container, stream, limits, deadline)
         out: dict[int, T] = {}
-        held: tuple[int, av.VideoFrame] | None = None  # last frame before the next wanted index
-        held_converted: T | None = None
-        p, restarted = 0, wanted[0] == 0
-        frames = _frames(container, stream, limits, deadline)
+        p = 0  # next wanted position
+        prev: tuple[int, av.VideoFrame] | None = None  # last frame decoded since the last seek
+        prev_out: T | None = None  # convert(prev frame), when it was converted
+        can_seek, last_key, gop, jumped_from = wanted[0] > 0, None, None, -1
         while p < len(wanted):
             item = next(frames, None)
             if item is None:
                 break
             index, frame = item
-            if held is None and index > wanted[p] and not restarted:
-                restarted = True  # seek overshot the first wanted frame: decode from the start instead
-                frames.close()
-                container.seek(start, stream=stream, backward=True)
-                frames = _frames(container, stream, limits, deadline)
+            if prev is None and index > wanted[p] and can_seek:
+                can_seek = False  # the seek overshot: decode from the start, sequentially
+                frames = jump(0, frames)
                 continue
-            while p < len(wanted) and wanted[p] < index and held is not None:
-                if held_converted is None:
-                    held_converted = convert(held[1])
-                out[wanted[p]] = held_converted
+            if prev is None and index <= jumped_from:
+                can_seek = False  # the seek went back instead of ahead: the index is not to be trusted
+            if frame.key_frame:
+                gop = index - last_key if last_key is not None and index > last_key else gop
+                last_key = index
+            while p < len(wanted) and wanted[p] < index and prev is not None:  # a gap: the held frame shows
+                if prev_out is None:
+                    prev_out = convert(prev[1])
+                out[wanted[p]] = prev_out
                 p += 1
-            if p < len(wanted) and wanted[p] <= index:  # exact hit (or the first frame after a gap at 0)
-                held, held_converted = (index, frame), convert(frame)
+            prev, prev_out = (index, frame), None
+            if p < len(wanted) and wanted[p] <= index:
+                prev_out = convert(frame)
                 while p < len(wanted) and wanted[p] <= index:
-                    out[wanted[p]] = held_converted
+                    out[wanted[p]] = prev_out
                     p += 1
-            else:
-                held, held_converted = (index, frame), None
+            if p < len(wanted) and can_seek and gop and wanted[p] - index > gop:
+                jumped_from = index  # cheaper to seek than to decode through the gap
+                frames, prev, prev_out = jump(wanted[p], frames), None, None
         if p < len(wanted):
-            last = held[0] if held else -1
+            last = prev[0] if prev else -1
             raise BadVideo("frames_mismatch", f"stream ends at frame {last}, frame {wanted[p]} was asked for")
         return [out[i] for i in wanted]

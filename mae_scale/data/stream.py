@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
+import av
 import numpy as np
 import torch
 import webdataset as wds
+from av.video.reformatter import VideoReformatter
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae_scale.data.decode import BadVideo, VideoLimits, decode_frames
@@ -179,12 +181,17 @@ class ClipStream(IterableDataset):
         slot = spec.rank * spec.workers + worker
         epoch, skip = self.start[worker]
         stats = StreamStats()
+        reformatter = VideoReformatter()  # keeps its FFmpeg scaler between frames (to_ndarray makes one per call)
+
+        def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+            return reformatter.reformat(frame, format="rgb24").to_ndarray()  # (H, W, 3) at source size
+
         clips, keys, labels, first_epoch = [], [], [], None
         while True:
             consumed, good = skip, 0
             for item in islice(self.epoch_items(slot, epoch), skip, None):  # fast-forward: tar reads only
                 consumed += 1
-                sample = self._clips(item, epoch, stats)
+                sample = self._clips(item, epoch, stats, to_rgb)
                 if sample is None:
                     continue
                 good += 1
@@ -211,7 +218,7 @@ class ClipStream(IterableDataset):
                 )
             epoch, skip = epoch + 1, 0
 
-    def _clips(self, item: Item, epoch: int, stats: StreamStats) -> tuple[torch.Tensor, object] | None:
+    def _clips(self, item: Item, epoch: int, stats: StreamStats, to_rgb) -> tuple[torch.Tensor, object] | None:
         """Decode one sample into (R, C, T, H, W) uint8 clips and its label, or count it as bad."""
         raw = item.raw
         if raw.fault:
@@ -234,7 +241,7 @@ class ClipStream(IterableDataset):
             plan, note = plan_clips(frames, self.spec.clip, rng)
             wanted = sorted({i for clip in plan for i in clip})
             stats.decoded += 1
-            decoded = decode_frames(raw.members["mp4"], wanted, _to_rgb, self.spec.limits)
+            decoded = decode_frames(raw.members["mp4"], wanted, to_rgb, self.spec.limits)
             clips = make_clips(torch.from_numpy(np.stack(decoded)), plan, self.spec.clip, rng)
         except BadVideo as exc:
             stats.add_bad(exc.reason, item, exc.detail)
@@ -246,8 +253,4 @@ class ClipStream(IterableDataset):
             stats.info[note] += 1
         stats.samples += 1
         return clips, meta.get("label")
-
-
-def _to_rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8 at the source resolution
 

@@ -86,3 +86,19 @@ def shutdown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int, step: int = 0) -> None:
+    """Python, NumPy and torch RNGs from (seed, rank, step): masks differ across ranks, runs repeat.
+
+    torch's default seed is random per process, so without this two identical runs draw different
+    masks. A resume on the same world size restores the saved states instead (checkpoint.py).
+    """
+    import random
+
+    import numpy as np
+
+    mixed = (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)

@@ -68,6 +68,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         if "other_world" in state:  # another world size: the stream restarts at an epoch boundary
             old = [s["loader"] for s in state["other_world"]]
             epoch = loader.load_nearest_safe_point(old)
+            D.seed_everything(cfg.seed, rank, start_step)  # RNG streams of the old ranks do not map to ours
             replay_note = (f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
                            f"{epoch} (what the old run saw of it is replayed, nothing is skipped)")
         else:

@@ -1,0 +1,217 @@
+"""Every kind of bad data is skipped, counted by reason and named; too much of it stops the run clearly."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mae_scale.config import DataConfig
+from mae_scale.data.decode import VideoLimits
+from mae_scale.data.loader import BadDataError, build_loader
+from mae_scale.data.shards import ShardInfo, read_manifest, sha256_file, write_json_atomic
+from mae_scale.data.verify import verify_shards
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_PIXELS = 300 * 300  # the demo's largest video is 302 x 128; the crafted "huge" one is 512 x 512
+
+
+class Evil:
+    """Unpickling this creates a file: proof that nobody unpickled it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def meta(frames: int) -> bytes:
+    return json.dumps({"source": "crafted", "frames": frames, "fps": 25.0, "width": 64, "height": 48, "duration": 1.0}).encode()
+
+
+EXPECTED_BAD = {  # reason -> count in one epoch
+    "bad_tar": 2,  # the truncated demo shard and the zero-byte shard
+    "unreadable_shard": 1,  # listed in the manifest, absent on disk
+    "undecodable": 1,
+    "empty_video": 1,
+    "missing_member": 2,
+    "too_few_frames": 1,
+    "too_small": 1,
+    "too_large": 1,
+    "bad_json": 1,
+    "duplicate_key": 1,
+    "frames_mismatch": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory, demo_shards, index_video):
+    """A copy of the demo shards with every fault injected, and the keys of the good samples."""
+    out = tmp_path_factory.mktemp("faulty")
+    manifest, urls = read_manifest(demo_shards)
+    for url in urls:
+        shutil.copy(url, out)
+    victim = out / manifest.shards[0].name  # truncate mid-video
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with tarfile.open(urls[1]) as tar:
+        real = {m.name.split(".")[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+    good_keys = {key for url in urls[1:] for key in [tarfile.open(url).getnames()[0].split(".")[0]]}
+    marker = out / "UNPICKLED"
+    with tarfile.open(out / "faults-000004.tar", "w") as tar:
+        add(tar, "dupe.mp4", real["mp4"])
+        add(tar, "dupe.json", real["json"])
+        add(tar, "undecodable.mp4", b"\x00\x01 this is no video " * 200)
+        add(tar, "undecodable.json", meta(40))
+        add(tar, "empty.mp4", b"")
+        add(tar, "empty.json", meta(40))
+        add(tar, "nomp4.json", meta(40))
+        add(tar, "nojson.mp4", real["mp4"])
+        add(tar, "short.mp4", index_video(frames=5, codec="mpeg4", width=64, height=48))
+        add(tar, "short.json", meta(5))
+        add(tar, "tiny.mp4", index_video(frames=20, codec="mpeg4", width=16, height=16))
+        add(tar, "tiny.json", meta(20))
+        add(tar, "huge.mp4", index_video(frames=8, codec="mpeg4", width=512, height=512))
+        add(tar, "huge.json", meta(8))
+        add(tar, "badjson.mp4", real["mp4"])
+        add(tar, "badjson.json", b"{not json")
+        add(tar, "liar.mp4", index_video(frames=20, codec="mpeg4", width=64, height=48))
+        add(tar, "liar.json", meta(5000))
+        add(tar, "pickled.mp4", real["mp4"])
+        add(tar, "pickled.json", real["json"])
+        add(tar, "pickled.pyd", pickle.dumps(Evil(marker)))
+        add(tar, "dupe.mp4", real["mp4"])  # the same key again, later in the shard
+        add(tar, "dupe.json", real["json"])
+    (out / "faults-000005.tar").write_bytes(b"")  # zero-byte shard
+    shards = [
+        *manifest.shards,
+        ShardInfo("faults-000004.tar", 11, (out / "faults-000004.tar").stat().st_size, sha256_file(out / "faults-000004.tar")),
+        ShardInfo("faults-000005.tar", 1, 0, sha256_file(out / "faults-000005.tar")),
+        ShardInfo("faults-000006.tar", 1, 10240, "0" * 64),  # missing
+    ]
+    data = json.loads((demo_shards / "manifest.json").read_text())
+    data["shards"] = [s.__dict__ for s in shards]
+    data.pop("total_samples"), data.pop("total_bytes")
+    write_json_atomic(out / "manifest.json", data)
+    return out, good_keys | {"dupe", "pickled"}, marker
+
+
+def config(shards: Path, **kw) -> DataConfig:
+    base = dict(num_frames=4, stride=2, size=32, repeats=1, workers=0, short_video="skip", max_pixels=MAX_PIXELS)
+    return DataConfig(shards=str(shards), **{**base, **kw})
+
+
+def test_loader_skips_and_counts_every_fault(faulty):
+    shards, good_keys, marker = faulty
+    loader = build_loader(config(shards, max_bad_ratio=1.0), batch_size=1, seed=0, rank=0, world_size=1)
+    keys = Counter()
+    for batch in loader:
+        if batch["epoch"] > 0:
+            break
+        keys[batch["keys"][0]] += 1
+    assert set(keys) == good_keys and set(keys.values()) == {1}  # each good sample once in the epoch
+    stats = loader.stats()
+    assert stats["bad"] == EXPECTED_BAD, stats["examples"]
+    assert "faults-000004.tar/liar" in stats["examples"]["frames_mismatch"]
+    assert not marker.exists()
+
+
+def test_short_video_policy_stride_keeps_it(faulty):
+    shards, good_keys, _ = faulty
+    loader = build_loader(config(shards, max_bad_ratio=1.0, short_video="stride"), batch_size=1, seed=0)
+    keys = set()
+    for batch in loader:
+        if batch["epoch"] > 0:
+            break
+        keys.add(batch["keys"][0])
+    assert keys == good_keys | {"short"} and loader.stats()["info"] == {"short_stride": 1}
+
+
+def test_too_many_bad_samples_stop_with_a_clear_error(faulty):
+    shards, _, _ = faulty
+    loader = build_loader(config(shards, max_bad_ratio=0.1), batch_size=1, seed=0)
+    with pytest.raises(BadDataError) as err:
+        for _ in loader:
+            pass
+    message = str(err.value)
+    assert "above data.max_bad_ratio=10.0%" in message and "bad_tar x" in message
+    assert "verify_shards.py" in message and loader.stats()["bad_total"] + loader.stats()["samples"] >= 20
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_epoch_without_any_good_sample_raises(tmp_path, faulty, workers):
+    shards, _, _ = faulty
+    data = json.loads((shards / "manifest.json").read_text())
+    data["shards"] = [s for s in data["shards"] if s["name"].startswith("faults-00000") and s["name"] != "faults-000004.tar"]
+    for s in data["shards"]:
+        if (shards / s["name"]).exists():
+            shutil.copy(shards / s["name"], tmp_path)
+    write_json_atomic(tmp_path / "manifest.json", data)
+    loader = build_loader(config(tmp_path, max_bad_ratio=1.0, workers=workers), batch_size=1, seed=0)
+    with pytest.raises(BadDataError, match="gave no usable sample"):
+        next(iter(loader))
+
+
+def test_verify_names_every_fault(faulty):
+    shards, _, marker = faulty
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "verify_shards.py"), str(shards), "--max-pixels", str(MAX_PIXELS)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    lines = run.stdout.splitlines()
+    for shard, key, reason in [
+        ("demo-000000.tar", "", "bad_tar"),  # names the key it was reading when the data ended
+        ("demo-000000.tar", "-", "size_mismatch"),
+        ("faults-000004.tar", "undecodable", "undecodable"),
+        ("faults-000004.tar", "empty", "empty_video"),
+        ("faults-000004.tar", "nomp4", "missing_member"),
+        ("faults-000004.tar", "nojson", "missing_member"),
+        ("faults-000004.tar", "tiny", "too_small"),
+        ("faults-000004.tar", "huge", "too_large"),
+        ("faults-000004.tar", "badjson", "bad_json"),
+        ("faults-000004.tar", "liar", "meta_mismatch"),
+        ("faults-000004.tar", "pickled", "unexpected_member"),
+        ("faults-000004.tar", "dupe", "duplicate_key"),
+        ("faults-000005.tar", "-", "bad_tar"),
+        ("faults-000006.tar", "-", "unreadable_shard"),
+    ]:
+        found = [line for line in lines if line.startswith(f"FAULT {shard} {key}") and f": {reason}: " in line]
+        assert found, (shard, key, reason, run.stdout)
+    assert "faults (" in lines[-1] and not marker.exists()
+    faults, _ = verify_shards(shards, limits=VideoLimits(MAX_PIXELS))
+    assert len(faults) == len([line for line in lines if line.startswith("FAULT")])
+
+
+@pytest.mark.slow
+def test_decoding_many_clips_does_not_grow_memory(demo_shards):
+    """PAINS: decoders that are never freed grow RSS until OOM. 300 videos in, RSS must stay flat."""
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    loader = build_loader(config(demo_shards, repeats=2, max_pixels=10**7, shuffle_buffer=0), batch_size=4, seed=0)
+    it = iter(loader)
+    for _ in range(25):  # warm up allocators and caches
+        next(it)
+    before = rss_mb()
+    for _ in range(75):
+        next(it)
+    assert loader.stats()["samples"] == 400
+    assert rss_mb() - before < 25, f"RSS grew from {before:.0f} MB to {rss_mb():.0f} MB"
