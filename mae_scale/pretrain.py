@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mae_scale.config import DEMO_SHARDS, Config, ConfigError
 
@@ -75,7 +76,10 @@ def _resumes_from_other_world(cfg: Config, resume: str | None, world: int) -> bo
 
     if resume == "none":
         return False
-    found = Checkpointer(cfg.run_dir / "checkpoints", keep=1, rank=0, world_size=world).peek(resume)
+    root, tag = cfg.run_dir / "checkpoints", resume
+    if resume is not None and os.sep in resume:
+        root, tag = Path(resume).parent, Path(resume).name
+    found = Checkpointer(root, keep=1, rank=0, world_size=world).peek(tag)
     return found is not None and found[1] != world
 
 
@@ -93,10 +97,13 @@ def _resume_choice(cfg: Config, args: argparse.Namespace) -> str | None:
 
             shutil.rmtree(ckpt_dir)
         return "none"
-    tag = os.path.basename(os.path.normpath(args.resume))
-    if not (ckpt_dir / tag).is_dir():
-        raise ConfigError(f"--resume {args.resume!r}: no checkpoint {ckpt_dir / tag}")
-    return tag
+    if (ckpt_dir / args.resume).is_dir():  # a tag of this run
+        return args.resume
+    path = Path(args.resume).resolve()
+    if not (path / "complete.json").is_file():
+        raise ConfigError(f"--resume {args.resume!r}: neither a checkpoint tag in {ckpt_dir} nor a complete "
+                          "checkpoint folder (one with complete.json)")
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ INDEX_BITS = 8  # frame index drawn as 8 black/white cells in a 2 x 4 grid: surv
 def index_frame(index: int, width: int = 128, height: int = 96) -> np.ndarray:
     """A synthetic RGB frame whose pixels spell `index` (see `read_index`)."""
     frame = np.zeros((height, width, 3), np.uint8)
+    cell_h, cell_w = height // 2, width // 4
     for bit in range(INDEX_BITS):
         if index >> bit & 1:
             row, col = divmod(bit, 4)
-            frame[row * height // 2 : (row + 1) * height // 2, col * width // 4 : (col + 1) * width // 4] = 255
+            frame[row * cell_h : (row + 1) * cell_h, col * cell_w : (col + 1) * cell_w] = 255
     return frame
 
 
@@ -90,7 +91,3 @@ def synthetic_shards(tmp_path_factory, synthetic_videos) -> Path:
 def read_frame_index() -> Callable[[np.ndarray], int]:
     """The reader for frames drawn by `index_video`."""
     return read_index
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a longer test (still run in CI; keep these few)")

@@ -24,7 +24,15 @@ def rgb(frame) -> np.ndarray:
 def test_golden_frames_after_seek(index_video, read_frame_index, codec, gop):
     data = index_video(frames=60, codec=codec, gop=gop)
     assert probe(data).frames == 60
-    for wanted in ([0, 4, 8, 12], [21, 25, 29, 33, 37], [50, 59], [3, 10, 17], [59], [2, 40, 55], [5, 6, 30, 31, 58]):
+    for wanted in (
+        [0, 4, 8, 12],
+        [21, 25, 29, 33, 37],
+        [50, 59],
+        [3, 10, 17],
+        [59],
+        [2, 40, 55],
+        [5, 6, 30, 31, 58],
+    ):
         got = [read_frame_index(f) for f in decode_frames(data, wanted, rgb, LIMITS)]
         assert got == wanted, f"{codec} gop {gop}: asked {wanted}, got {got}"
 
@@ -124,14 +132,42 @@ def test_crop_resize_shape_flip_and_identity():
 
 
 def test_make_clips_shape(index_video, read_frame_index):
-    spec = ClipSpec(num_frames=4, stride=2, size=32, repeats=3, crop_scale=(1.0, 1.0), crop_aspect=(4 / 3, 4 / 3))
+    spec = ClipSpec(
+        num_frames=4, stride=2, size=32, repeats=3, crop_scale=(1.0, 1.0), crop_aspect=(4 / 3, 4 / 3)
+    )
     rng = random.Random(0)
     plan, _ = plan_clips(30, spec, rng)
     wanted = sorted({i for c in plan for i in c})
     decoded = decode_frames(index_video(frames=30), wanted, rgb, LIMITS)
-    clips = make_clips(torch.from_numpy(np.stack(decoded)), plan, spec, rng)
+    clips = make_clips(decoded, plan, spec, rng)
     assert clips.shape == (3, 3, 4, 32, 32)
-    for clip, indices in zip(clips, plan):  # full-frame crop: the drawn index survives the resize
+    for clip, indices in zip(
+        clips, plan, strict=True
+    ):  # full-frame crop: the drawn index survives the resize
         got = [read_frame_index(clip[:, t].numpy()) for t in range(4)]
         flipped = [read_frame_index(clip[:, t].flip(-1).numpy()) for t in range(4)]
         assert indices in (got, flipped)
+
+
+def test_decode_time_limit(index_video):
+    with pytest.raises(BadVideo) as err:
+        decode_frames(index_video(frames=20), [5, 15], rgb, VideoLimits(timeout_s=0.0))
+    assert err.value.reason == "decode_timeout"
+
+
+def test_decodes_only_near_the_wanted_frames(index_video, read_frame_index, monkeypatch):
+    import mae_scale.data.decode as decode
+
+    decoded = []
+    real = decode._frames
+
+    def counting(*args):
+        for item in real(*args):
+            decoded.append(item[0])
+            yield item
+
+    monkeypatch.setattr(decode, "_frames", counting)
+    data = index_video(frames=200, gop=8)
+    got = [read_frame_index(f) for f in decode_frames(data, [100, 104, 190], rgb, LIMITS)]
+    assert got == [100, 104, 190]
+    assert len(decoded) < 30, decoded  # two seeks; not the 191 frames of a decode from the start

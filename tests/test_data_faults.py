@@ -41,7 +41,9 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def meta(frames: int) -> bytes:
-    return json.dumps({"source": "crafted", "frames": frames, "fps": 25.0, "width": 64, "height": 48, "duration": 1.0}).encode()
+    return json.dumps(
+        {"source": "crafted", "frames": frames, "fps": 25.0, "width": 64, "height": 48, "duration": 1.0}
+    ).encode()
 
 
 EXPECTED_BAD = {  # reason -> count in one epoch
@@ -99,7 +101,12 @@ def faulty(tmp_path_factory, demo_shards, index_video):
     (out / "faults-000005.tar").write_bytes(b"")  # zero-byte shard
     shards = [
         *manifest.shards,
-        ShardInfo("faults-000004.tar", 11, (out / "faults-000004.tar").stat().st_size, sha256_file(out / "faults-000004.tar")),
+        ShardInfo(
+            "faults-000004.tar",
+            11,
+            (out / "faults-000004.tar").stat().st_size,
+            sha256_file(out / "faults-000004.tar"),
+        ),
         ShardInfo("faults-000005.tar", 1, 0, sha256_file(out / "faults-000005.tar")),
         ShardInfo("faults-000006.tar", 1, 10240, "0" * 64),  # missing
     ]
@@ -111,7 +118,9 @@ def faulty(tmp_path_factory, demo_shards, index_video):
 
 
 def config(shards: Path, **kw) -> DataConfig:
-    base = dict(num_frames=4, stride=2, size=32, repeats=1, workers=0, short_video="skip", max_pixels=MAX_PIXELS)
+    base = dict(
+        num_frames=4, stride=2, size=32, repeats=1, workers=0, short_video="skip", max_pixels=MAX_PIXELS
+    )
     return DataConfig(shards=str(shards), **{**base, **kw})
 
 
@@ -156,7 +165,9 @@ def test_too_many_bad_samples_stop_with_a_clear_error(faulty):
 def test_an_epoch_without_any_good_sample_raises(tmp_path, faulty, workers):
     shards, _, _ = faulty
     data = json.loads((shards / "manifest.json").read_text())
-    data["shards"] = [s for s in data["shards"] if s["name"].startswith("faults-00000") and s["name"] != "faults-000004.tar"]
+    data["shards"] = [
+        s for s in data["shards"] if s["name"].startswith("faults-00000") and s["name"] != "faults-000004.tar"
+    ]
     for s in data["shards"]:
         if (shards / s["name"]).exists():
             shutil.copy(shards / s["name"], tmp_path)
@@ -169,7 +180,13 @@ def test_an_epoch_without_any_good_sample_raises(tmp_path, faulty, workers):
 def test_verify_names_every_fault(faulty):
     shards, _, marker = faulty
     run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "verify_shards.py"), str(shards), "--max-pixels", str(MAX_PIXELS)],
+        [
+            sys.executable,
+            str(REPO / "tools" / "verify_shards.py"),
+            str(shards),
+            "--max-pixels",
+            str(MAX_PIXELS),
+        ],
         capture_output=True,
         text=True,
     )
@@ -191,7 +208,9 @@ def test_verify_names_every_fault(faulty):
         ("faults-000005.tar", "-", "bad_tar"),
         ("faults-000006.tar", "-", "unreadable_shard"),
     ]:
-        found = [line for line in lines if line.startswith(f"FAULT {shard} {key}") and f": {reason}: " in line]
+        found = [
+            line for line in lines if line.startswith(f"FAULT {shard} {key}") and f": {reason}: " in line
+        ]
         assert found, (shard, key, reason, run.stdout)
     assert "faults (" in lines[-1] and not marker.exists()
     faults, _ = verify_shards(shards, limits=VideoLimits(MAX_PIXELS))
@@ -206,7 +225,9 @@ def test_decoding_many_clips_does_not_grow_memory(demo_shards):
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096 / 2**20
 
-    loader = build_loader(config(demo_shards, repeats=2, max_pixels=10**7, shuffle_buffer=0), batch_size=4, seed=0)
+    loader = build_loader(
+        config(demo_shards, repeats=2, max_pixels=10**7, shuffle_buffer=0), batch_size=4, seed=0
+    )
     it = iter(loader)
     for _ in range(25):  # warm up allocators and caches
         next(it)

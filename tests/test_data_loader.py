@@ -26,7 +26,7 @@ def cfg(shards, **kw) -> DataConfig:
 
 
 def take(loader, n: int) -> list[dict]:
-    return [b for _, b in zip(range(n), loader)]
+    return [b for _, b in zip(range(n), loader, strict=False)]
 
 
 def epoch_keys(loader, rank: int, world: int, workers: int, epoch: int) -> list[str]:
@@ -39,7 +39,14 @@ def test_batch_format(demo_shards):
     loader = build_loader(cfg(demo_shards, workers=0), batch_size=2, seed=0, rank=0, world_size=1)
     batch = next(iter(loader))
     assert set(batch) == {"clips", "keys", "labels", "epoch"}
-    assert batch["clips"].dtype == torch.uint8 and batch["clips"].shape == (4, 3, 4, 32, 32)  # (B*R, C, T, H, W)
+    assert batch["clips"].dtype == torch.uint8 and batch["clips"].shape == (
+        4,
+        3,
+        4,
+        32,
+        32,
+    )  # (B*R, C, T, H, W)
+    assert batch["clips"].is_contiguous(memory_format=torch.channels_last_3d)  # documented layout
     assert len(batch["keys"]) == len(batch["labels"]) == 4 and batch["keys"][0] == batch["keys"][1]
     assert batch["epoch"] == 0 and loader.stats()["samples"] == 2 and loader.stats()["clips"] == 4
 
@@ -49,7 +56,9 @@ def test_ranks_and_workers_split_each_epoch(tmp_path, synthetic_videos, shards_p
     out = tmp_path / "s"
     make_shards(synthetic_videos / "labels.csv", out, max_samples_per_shard=shards_per_set, progress=False)
     manifest, _ = read_manifest(out)
-    loaders = [build_loader(cfg(out, workers=2), batch_size=1, seed=7, rank=r, world_size=2) for r in range(2)]
+    loaders = [
+        build_loader(cfg(out, workers=2), batch_size=1, seed=7, rank=r, world_size=2) for r in range(2)
+    ]
     for epoch in range(3):
         streams = [epoch_keys(loaders[r], r, 2, 2, epoch) for r in range(2)]
         everything = streams[0] + streams[1]
@@ -72,7 +81,7 @@ def test_two_ranks_two_workers_on_demo(demo_shards):
 def assert_same(a: list[dict], b: list[dict]) -> None:
     assert [x["keys"] for x in a] == [x["keys"] for x in b]
     assert [x["epoch"] for x in a] == [x["epoch"] for x in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x["clips"], y["clips"])
 
 
@@ -137,7 +146,11 @@ def test_nearest_safe_point_for_a_new_world_size(synthetic_shards):
 
 def test_pipe_urls(synthetic_shards):
     loader = build_loader(
-        cfg(f"pipe:cat {synthetic_shards}/manifest.json", workers=0), batch_size=2, seed=0, rank=0, world_size=1
+        cfg(f"pipe:cat {synthetic_shards}/manifest.json", workers=0),
+        batch_size=2,
+        seed=0,
+        rank=0,
+        world_size=1,
     )
     assert loader.spec.shards[0].url.startswith("pipe:cat ") and len(take(loader, 6)) == 6
 
@@ -169,6 +182,10 @@ print("done")
 def test_stopping_early_with_workers_does_not_hang(synthetic_shards):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [sys.executable, "-c", STOP_EARLY, str(synthetic_shards)], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", STOP_EARLY, str(synthetic_shards)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr

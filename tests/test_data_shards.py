@@ -28,7 +28,7 @@ def test_manifest_totals_and_verify(synthetic_shards):
     assert len(manifest.shards) == data["num_shards"] == 5
     assert data["total_samples"] == sum(s["samples"] for s in data["shards"]) == 10
     assert data["total_bytes"] == sum(Path(u).stat().st_size for u in urls)
-    for shard, url in zip(manifest.shards, urls):
+    for shard, url in zip(manifest.shards, urls, strict=True):
         assert Path(url).name == shard.name and sha256_file(Path(url)) == shard.sha256
         with tarfile.open(url) as tar:
             names = tar.getnames()
@@ -43,11 +43,13 @@ def test_round_trip_carries_labels(synthetic_shards, synthetic_videos):
     for line in (synthetic_videos / "labels.csv").read_text().splitlines()[1:]:
         name, label = line.split(",")
         expected[Path(name).stem] = int(label)
-    loader = build_loader(DataConfig(shards=str(synthetic_shards), **TINY), batch_size=2, seed=0, rank=0, world_size=1)
+    loader = build_loader(
+        DataConfig(shards=str(synthetic_shards), **TINY), batch_size=2, seed=0, rank=0, world_size=1
+    )
     seen = {}
-    for batch in (b for _, b in zip(range(5), loader)):  # 5 batches of 2 = one epoch of 10
+    for batch in (b for _, b in zip(range(5), loader, strict=False)):  # 5 batches of 2 = one epoch of 10
         assert batch["clips"].shape == (4, 3, 4, 32, 32)
-        for key, label in zip(batch["keys"], batch["labels"]):
+        for key, label in zip(batch["keys"], batch["labels"], strict=True):
             seen[key.split("_", 1)[1]] = label
     assert seen == expected
 
@@ -56,7 +58,9 @@ def test_inputs_from_folder_csv_jsonl(tmp_path, synthetic_videos):
     listed = list_inputs(synthetic_videos)
     assert len(listed) == 10 and listed[0].source == "synthetic_00.mp4" and listed[0].label is None
     (tmp_path / "list.jsonl").write_text(
-        "\n".join(json.dumps({"path": str(synthetic_videos / f"synthetic_0{i}.mp4"), "label": i}) for i in range(3))
+        "\n".join(
+            json.dumps({"path": str(synthetic_videos / f"synthetic_0{i}.mp4"), "label": i}) for i in range(3)
+        )
     )
     assert [i.label for i in list_inputs(tmp_path / "list.jsonl")] == [0, 1, 2]
     (tmp_path / "list.csv").write_text("a.mp4,cat\nsub/b.mp4\n")
@@ -75,10 +79,15 @@ def test_rejects_and_determinism(tmp_path, synthetic_videos):
     (inputs / "broken.mp4").write_bytes(b"not a video at all" * 50)
     (inputs / "empty.mp4").write_bytes(b"")
     a = make_shards(inputs, tmp_path / "a", shard_bytes=1, progress=False, seed=3)
-    b = make_shards(inputs, tmp_path / "b", shard_bytes=1, progress=False, seed=3, workers=2)  # worker processes
+    b = make_shards(
+        inputs, tmp_path / "b", shard_bytes=1, progress=False, seed=3, workers=2
+    )  # worker processes
     assert a.to_dict() == b.to_dict() and len(a.shards) == 3 and a.rejects == 2
     rejects = [json.loads(line) for line in (tmp_path / "a" / "rejects.jsonl").read_text().splitlines()]
-    assert {(r["source"], r["reason"]) for r in rejects} == {("broken.mp4", "undecodable"), ("empty.mp4", "empty_video")}
+    assert {(r["source"], r["reason"]) for r in rejects} == {
+        ("broken.mp4", "undecodable"),
+        ("empty.mp4", "empty_video"),
+    }
     c = make_shards(inputs, tmp_path / "c", shard_bytes=1, progress=False, seed=4)
     assert [s.sha256 for s in c.shards] != [s.sha256 for s in a.shards]  # another seed, another order
     assert make_shards(inputs, tmp_path / "a", shard_bytes=1, progress=False, seed=3).to_dict() == a.to_dict()
@@ -112,7 +121,9 @@ def test_killed_build_resumes_to_the_same_manifest(tmp_path, synthetic_videos):
     assert sorted(finished) == ["shard-000000.tar", "shard-000001.tar"]
     tool = [sys.executable, str(REPO / "tools" / "make_shards.py")]
     subprocess.run([*tool, *args, "--out", str(out)], check=True, env=env)
-    straight = make_shards(synthetic_videos / "labels.csv", tmp_path / "straight", max_samples_per_shard=2, progress=False)
+    straight = make_shards(
+        synthetic_videos / "labels.csv", tmp_path / "straight", max_samples_per_shard=2, progress=False
+    )
     assert json.loads((out / "manifest.json").read_text()) == straight.to_dict()
     assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rewritten
     assert not list(out.glob("*.tmp")) and not (out / ".progress.jsonl").exists()
@@ -128,9 +139,11 @@ def test_demo_set_is_real_and_verifies(demo_shards):
 
 
 def test_demo_built_once_by_racing_processes(tmp_path):
-    code = "import sys; from mae_scale.data.demo import ensure_demo_shards; print(ensure_demo_shards(sys.argv[1]))"
+    code = "import sys; from mae_scale.data.demo import ensure_demo_shards as e; print(e(sys.argv[1]))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo")], env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo")], env=env) for _ in range(2)
+    ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     assert verify_shards(tmp_path / "demo")[0] == []
@@ -143,3 +156,25 @@ def test_manifest_errors_name_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "shards": [{"name": "x.tar"}]}))
     with pytest.raises(ManifestError, match=r"manifest.json: shards\[0\] needs name, samples"):
         read_manifest(tmp_path)
+
+
+def test_oversized_member_is_not_read(tmp_path):
+    import io
+
+    from mae_scale.data.shards import iter_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [
+            ("a.mp4", b"x" * 5000),
+            ("a.json", b"{}"),
+            ("b.mp4", b"y" * 10),
+            ("b.json", b"{}"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    samples = list(iter_tar(buf, max_member_bytes=1000))
+    assert [(s.key, s.fault) for s in samples] == [("a", "member_too_large"), ("b", None)]
+    assert "mp4" not in samples[0].members and samples[1].members["mp4"] == b"y" * 10

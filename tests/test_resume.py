@@ -170,6 +170,14 @@ def test_interrupted_save_is_ignored(one_rank_run, tmp_path):
     assert "incomplete: no complete.json" in err and "step_00000004 at step 4" in err
 
 
+def test_resume_from_another_runs_checkpoint_folder(one_rank_run, tmp_path):
+    source = one_rank_run / "checkpoints" / "step_00000004"
+    proc = pretrain(COMMON + [f"run.dir={tmp_path / 'new'}", "train.steps=6", "checkpoint.every_steps=0",
+                              "--resume", str(source)])
+    assert f"resumed from {source} at step 4" in proc.stderr
+    assert (source / "config.yaml").is_file()  # the resolved config travels with every checkpoint
+
+
 def test_resume_two_ranks_on_one_rank(tmp_path, demo_shards):
     run = tmp_path / "reshard"
     torchrun(COMMON + [f"run.dir={run}", "train.steps=6", "checkpoint.every_steps=6"])

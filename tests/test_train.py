@@ -74,12 +74,16 @@ def test_activation_checkpointing_gives_the_same_losses(zero3_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero2_trains_with_whole_parameters_on_each_rank(tmp_path):
+def test_zero2_with_grad_accumulation_trains_with_whole_parameters_on_each_rank(tmp_path):
     run = tmp_path / "zero2"
-    torchrun(BASE + [f"run.dir={run}", "deepspeed.config=zero2.json", "log.wandb=off", "train.precision=fp32"])
-    assert _falls(step_losses(run))
+    torchrun(BASE + [f"run.dir={run}", "deepspeed.config=zero2.json", "log.wandb=off", "train.precision=fp32",
+                     "train.grad_accum=2"])
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # optimizer steps, each of 2 micro-steps
+    assert _falls(losses)
     start = _start(run)
     assert start["zero_stage"] == 2 and start["params_per_rank"] == [start["params_total"]] * 2
+    assert start["clips_per_step"] == 2 * 2 * 2 * 2  # videos x repeats x accumulation x ranks
 
 
 @pytest.mark.slow

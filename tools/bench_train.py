@@ -67,12 +67,24 @@ def main(argv=None) -> int:
     from mae_scale.train.metrics import device_peak_tflops, peak_memory_gb
 
     pred_t = max(2, args.frames // 2)
-    cfg = Config.load("demo", [
-        f"model.preset={args.preset}", f"data.num_frames={args.frames}", f"data.size={args.size}",
-        "data.repeats=1", f"train.batch_size={args.batch}", f"deepspeed.config={args.ds_config}",
-        f"train.precision={args.precision}", f"model.checkpoint_activations={args.ckpt}",
-        f"model.attention={args.attention}", f"model.pred_t_dim={pred_t}", "train.grad_clip=1.0",
-        f"train.steps={args.steps + args.warmup}", "schedule.warmup_steps=1"])
+    cfg = Config.load(
+        "demo",
+        [
+            f"model.preset={args.preset}",
+            f"data.num_frames={args.frames}",
+            f"data.size={args.size}",
+            "data.repeats=1",
+            f"train.batch_size={args.batch}",
+            f"deepspeed.config={args.ds_config}",
+            f"train.precision={args.precision}",
+            f"model.checkpoint_activations={args.ckpt}",
+            f"model.attention={args.attention}",
+            f"model.pred_t_dim={pred_t}",
+            "train.grad_clip=1.0",
+            f"train.steps={args.steps + args.warmup}",
+            "schedule.warmup_steps=1",
+        ],
+    )
     cfg.validate(check_paths=False)
     rank, _, world = D.init_distributed()
     built = build_engine(cfg, world)
@@ -90,11 +102,21 @@ def main(argv=None) -> int:
 
     flops = train_step_flops(model_kwargs(cfg), batch_size=args.batch, mask_ratio=cfg.model.mask_ratio)
     peak, source = device_peak_tflops(built.precision, args.peak_tflops)
-    results = {"preset": args.preset, "clips_per_step": args.batch, "frames": args.frames, "size": args.size,
-               "ds_config": args.ds_config, "precision": built.precision, "ckpt": args.ckpt,
-               "attention": engine.module.attention_backend(), "world_size": world,
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "peak_tflops": round(peak, 2), "peak_source": source, "gflop_per_step": flops / 1e9}
+    results = {
+        "preset": args.preset,
+        "clips_per_step": args.batch,
+        "frames": args.frames,
+        "size": args.size,
+        "ds_config": args.ds_config,
+        "precision": built.precision,
+        "ckpt": args.ckpt,
+        "attention": engine.module.attention_backend(),
+        "world_size": world,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "peak_tflops": round(peak, 2),
+        "peak_source": source,
+        "gflop_per_step": flops / 1e9,
+    }
     t = timed(ds_step, args.steps, args.warmup)
     results["deepspeed"] = _summary(t, args.batch, flops, peak, peak_memory_gb())
     del engine, built
@@ -128,9 +150,14 @@ def main(argv=None) -> int:
 
 def _summary(seconds: float, clips: int, flops: float, peak: float, mem_gb: float) -> dict:
     tflops = flops / seconds / 1e12
-    return {"s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
-            "clips_per_s": round(clips / seconds, 2), "tflops": round(tflops, 4),
-            "mfu": round(tflops / peak, 4) if peak else None, "peak_mem_gb": round(mem_gb, 3)}
+    return {
+        "s_per_step": round(seconds, 4),
+        "steps_per_s": round(1 / seconds, 3),
+        "clips_per_s": round(clips / seconds, 2),
+        "tflops": round(tflops, 4),
+        "mfu": round(tflops / peak, 4) if peak else None,
+        "peak_mem_gb": round(mem_gb, 3),
+    }
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a run's pretrained weights: safetensors (whole MAE, encoder), model config JSON, mae_st .pth.
 
-    python tools/export.py runs/vit_l [--step 100000] [--out DIR]
+python tools/export.py runs/vit_l [--step 100000] [--out DIR]
 """
 
 from __future__ import annotations

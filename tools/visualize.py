@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Reconstruction picture of a run's checkpoint (or an export): original / masked / reconstruction.
 
-    python tools/visualize.py runs/demo [--step N] [--out runs/demo/reconstruction_step_N.png]
-    python tools/visualize.py runs/demo/export/step_00000300 --shards shards/demo
+python tools/visualize.py runs/demo [--step N] [--out runs/demo/reconstruction_step_N.png]
+python tools/visualize.py runs/demo/export/step_00000300 --shards shards/demo
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="run folder, or an export folder (with model_config.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: newest)")
-    p.add_argument("--shards", default=None, help="shards to draw clips from (default: the run's data.shards)")
+    p.add_argument(
+        "--shards", default=None, help="shards to draw clips from (default: the run's data.shards)"
+    )
     p.add_argument("--clips", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of the clips and of the mask")
     p.add_argument("--out", default=None, help="PNG path")
@@ -59,8 +61,9 @@ def main(argv=None) -> int:
         cfg.data.shards = args.shards
     cfg.data.workers = 0
     clips_per_video = cfg.data.repeats
-    loader = build_loader(cfg.data, batch_size=max(1, -(-args.clips // clips_per_video)), seed=args.seed, rank=0,
-                         world_size=1)
+    loader = build_loader(
+        cfg.data, batch_size=max(1, -(-args.clips // clips_per_video)), seed=args.seed, rank=0, world_size=1
+    )
     batch = next(iter(loader))
     imgs = normalize_clips(batch["clips"][: args.clips], cfg.data.mean, cfg.data.std, torch.float32)
     picture = reconstruct(model, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=args.seed)

@@ -19,6 +19,8 @@ from fractions import Fraction
 from typing import TypeVar
 
 import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
 
 T = TypeVar("T")
 
@@ -42,6 +44,9 @@ class VideoLimits:
     threads: int = 1  # FFmpeg codec threads; 1 is the safe choice inside worker processes
 
 
+DEFAULT_LIMITS = VideoLimits()
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What a full decode found: the facts written into each sample's json."""
@@ -55,6 +60,27 @@ class VideoInfo:
     @property
     def duration(self) -> float:
         return self.frames / self.fps
+
+
+class RGBConverter:
+    """Frame -> (H, W, 3) uint8 RGB at the source size, keeping one FFmpeg scaler per frame geometry.
+
+    Measured here: `frame.to_ndarray(format="rgb24")` or one shared reformatter re-initializes the
+    scaler whenever the frame size changes (up to ~8 ms each time); with a scaler per size the
+    conversion costs ~0.03 ms for a 228 x 128 frame.
+    """
+
+    def __init__(self, max_scalers: int = 16):
+        self.max_scalers = max_scalers
+        self._scalers: dict[tuple, VideoReformatter] = {}
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        geometry = (frame.width, frame.height, frame.format.name)
+        scaler = self._scalers.pop(geometry, None) or VideoReformatter()
+        self._scalers[geometry] = scaler  # most recently used last
+        if len(self._scalers) > self.max_scalers:
+            del self._scalers[next(iter(self._scalers))]
+        return scaler.reformat(frame, format="rgb24").to_ndarray()
 
 
 def frame_index(pts: int, start: int, scale: Fraction) -> int:
@@ -73,7 +99,9 @@ def check_size(width: int, height: int, limits: VideoLimits) -> None:
 
 
 @contextmanager
-def open_video(data: bytes, limits: VideoLimits) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+def open_video(
+    data: bytes, limits: VideoLimits
+) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     """Open encoded bytes and check the declared stream before anything is decoded."""
     if len(data) == 0:
         raise BadVideo("empty_video", "0 bytes")
@@ -117,7 +145,7 @@ def _frames(
         raise BadVideo("undecodable", str(exc)) from exc
 
 
-def probe(data: bytes, limits: VideoLimits = VideoLimits()) -> VideoInfo:
+def probe(data: bytes, limits: VideoLimits = DEFAULT_LIMITS) -> VideoInfo:
     """Decode every frame (no pixel conversion) and return the true frame count, rate and size."""
     deadline = time.monotonic() + limits.timeout_s
     with open_video(data, limits) as (container, stream):
@@ -143,7 +171,9 @@ def decode_frames(
     does not match its video.
     """
     if not wanted or list(wanted) != sorted(wanted) or wanted[0] < 0:
-        raise ValueError(f"wanted frame indices must be non-empty, ascending and >= 0, got {list(wanted)[:8]}")
+        raise ValueError(
+            f"wanted frame indices must be non-empty, ascending and >= 0, got {list(wanted)[:8]}"
+        )
     deadline = time.monotonic() + limits.timeout_s
     with open_video(data, limits) as (container, stream):
         start, ticks_per_frame = stream.start_time or 0, 1 / (_rate(stream) * stream.time_base)
@@ -186,7 +216,7 @@ def decode_frames(
                     out[wanted[p]] = prev_out
                     p += 1
             if p < len(wanted) and can_seek and gop and wanted[p] - index > gop:
-                jumped_from = index  # cheaper to seek than to decode through the gap
+                jumped_from, last_key = index, None  # cheaper to seek than to decode through the gap
                 frames, prev, prev_out = jump(wanted[p], frames), None, None
         if p < len(wanted):
             last = prev[0] if prev else -1

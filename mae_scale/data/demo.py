@@ -51,10 +51,14 @@ def ensure_demo_shards(out: str | Path = "shards/demo") -> Path:
         if (out / MANIFEST_NAME).exists():
             return out  # another process built it while we waited
         tmp = out.with_name(out.name + ".tmp")
-        make_shards(demo_sources(), tmp, name="demo", max_samples_per_shard=1, encode=DEMO_ENCODE, progress=False)
+        make_shards(
+            demo_sources(), tmp, name="demo", max_samples_per_shard=1, encode=DEMO_ENCODE, progress=False
+        )
         if out.exists():
             if any(out.iterdir()):
-                raise FileExistsError(f"{out} exists without {MANIFEST_NAME}; move it away to build the demo there")
+                raise FileExistsError(
+                    f"{out} exists without {MANIFEST_NAME}; move it away to build the demo there"
+                )
             out.rmdir()
         os.replace(tmp, out)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from mae_scale.data.decode import BadVideo, VideoInfo, VideoLimits, _frames, _rate, open_video
+from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, VideoInfo, VideoLimits, _frames, _rate, open_video
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ def _encode(frames: Iterable[av.VideoFrame], width: int, height: int, rate: Frac
     return out.getvalue(), count
 
 
-def encode_rgb_frames(frames: Iterable[np.ndarray], fps: float = 25.0, opts: EncodeOptions | None = None) -> bytes:
+def encode_rgb_frames(
+    frames: Iterable[np.ndarray], fps: float = 25.0, opts: EncodeOptions | None = None
+) -> bytes:
     """Encode (H, W, 3) uint8 RGB arrays as an mp4 at a constant rate (used for synthetic test data)."""
     opts = opts or EncodeOptions(max_short_side=None)
     frames = list(frames)
@@ -86,7 +88,9 @@ def encode_rgb_frames(frames: Iterable[np.ndarray], fps: float = 25.0, opts: Enc
     return data
 
 
-def transcode(data: bytes, opts: EncodeOptions, limits: VideoLimits = VideoLimits()) -> tuple[bytes, VideoInfo]:
+def transcode(
+    data: bytes, opts: EncodeOptions, limits: VideoLimits = DEFAULT_LIMITS
+) -> tuple[bytes, VideoInfo]:
     """Re-encode a video; returns the new bytes and their facts (frames counted as they are encoded).
 
     Output frame k (time k / rate) shows the source frame nearest in time, so a new rate drops or

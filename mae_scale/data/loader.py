@@ -69,6 +69,9 @@ class ClipLoader:
     """Iterable over batch dicts: "clips" uint8 (batch_size * R, C, T, H, W), "keys" and "labels"
     (one entry per clip, so each sample's key appears R times in a row) and "epoch" (the epoch of
     the batch's first sample, counted per worker stream).
+
+    "clips" is laid out channels-last in memory (`torch.channels_last_3d`, as the resize makes it):
+    `.to(device)` keeps that layout, conv3d takes it as is; use `.reshape`/einops, not `.view`.
     """
 
     def __init__(
@@ -110,7 +113,9 @@ class ClipLoader:
         for batch in loader:
             worker = batch.pop("_worker")
             if worker != self._next:
-                raise RuntimeError(f"batch from worker {worker} where worker {self._next} was due: order is lost")
+                raise RuntimeError(
+                    f"batch from worker {worker} where worker {self._next} was due: order is lost"
+                )
             epoch, consumed = batch.pop("_position")
             self._positions[worker] = (int(epoch), int(consumed))
             self._next = (worker + 1) % self.spec.workers
@@ -186,7 +191,9 @@ class ClipLoader:
         self._check_state(d, ("manifest", "seed", "rank", "world_size", "workers"))
         positions = d["positions"]
         if len(positions) != self.spec.workers or not 0 <= d["next_worker"] < self.spec.workers:
-            raise DataStateError(f"saved positions {positions} / next_worker {d['next_worker']} are malformed")
+            raise DataStateError(
+                f"saved positions {positions} / next_worker {d['next_worker']} are malformed"
+            )
         self._positions = [(int(e), int(c)) for e, c in positions]
         self._next = int(d["next_worker"])
         self._totals = _Totals(d.get("stats"))
@@ -287,7 +294,7 @@ def build_loader(
             slots,
         )
     spec = StreamSpec(
-        shards=tuple(ShardRef(url, s.name, s.samples) for url, s in zip(urls, manifest.shards)),
+        shards=tuple(ShardRef(url, s.name, s.samples) for url, s in zip(urls, manifest.shards, strict=True)),
         clip=clip,
         batch_size=batch_size,
         seed=seed,

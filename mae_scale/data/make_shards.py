@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mae_scale.data.decode import BadVideo, VideoLimits, probe
+from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, VideoLimits, probe
 from mae_scale.data.encode import EncodeOptions, transcode
 from mae_scale.data.shards import (
     MANIFEST_NAME,
@@ -80,7 +80,9 @@ def list_inputs(input: str | Path, label_from_dir: bool = False) -> list[InputVi
                     row = json.loads(line)
                     rows.append((str(row["path"]), row.get("label")))
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ShardBuildError(f"{input}:{n}: expected {{\"path\": ..., \"label\": ...}} ({exc!r})") from exc
+                    raise ShardBuildError(
+                        f'{input}:{n}: expected {{"path": ..., "label": ...}} ({exc!r})'
+                    ) from exc
     elif input.suffix.lower() == ".csv":
         with open(input, newline="") as f:
             for n, row in enumerate(csv.reader(f), 1):
@@ -89,10 +91,14 @@ def list_inputs(input: str | Path, label_from_dir: bool = False) -> list[InputVi
                 if len(row) > 2:
                     raise ShardBuildError(f"{input}:{n}: expected path[,label], got {len(row)} columns")
                 label = row[1].strip() if len(row) == 2 and row[1].strip() else None
-                rows.append((row[0].strip(), int(label) if label and re.fullmatch(r"-?\d+", label) else label))
+                rows.append(
+                    (row[0].strip(), int(label) if label and re.fullmatch(r"-?\d+", label) else label)
+                )
     else:
         raise ShardBuildError(f"{input}: INPUT must be a folder, a .csv or a .jsonl file")
-    return [InputVideo(str((input.parent / p) if not Path(p).is_absolute() else p), p, label) for p, label in rows]
+    return [
+        InputVideo(str((input.parent / p) if not Path(p).is_absolute() else p), p, label) for p, label in rows
+    ]
 
 
 def sample_key(index: int, source: str) -> str:
@@ -186,7 +192,7 @@ def make_shards(
     workers: int = 0,
     seed: int = 0,
     shuffle: bool = True,
-    limits: VideoLimits = VideoLimits(),
+    limits: VideoLimits = DEFAULT_LIMITS,
     label_from_dir: bool = False,
     progress: bool = True,
 ) -> Manifest:
@@ -220,9 +226,20 @@ def make_shards(
             )
         return manifest
     shards, rejects, start = _resume(out, fingerprint)
-    _pack(items, out, name, shard_bytes, max_samples_per_shard, encode, workers, limits, progress,
-          fingerprint, shards, rejects, start)  # fmt: skip
-
+    _pack(
+        items[start:],
+        out,
+        shards,
+        rejects,
+        start=start,
+        name=name,
+        shard_bytes=shard_bytes,
+        max_samples=max_samples_per_shard,
+        encode=encode,
+        workers=workers,
+        limits=limits,
+        progress=progress,
+    )
     with open(out / (REJECTS_NAME + ".tmp"), "w") as f:
         for r in sorted(rejects, key=lambda r: r["source"]):
             f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -236,9 +253,23 @@ def make_shards(
     return manifest
 
 
-def _pack(items, out, name, shard_bytes, max_samples, encode, workers, limits, progress, fingerprint,
-          shards, rejects, start) -> None:  # fmt: skip
-    """Pack prepared samples, in input order, into shards; log each finished shard to the progress file."""
+def _pack(
+    items: list[InputVideo],
+    out: Path,
+    shards: list[ShardInfo],
+    rejects: list[dict],
+    *,
+    start: int,
+    name: str,
+    shard_bytes: int,
+    max_samples: int | None,
+    encode: EncodeOptions | None,
+    workers: int,
+    limits: VideoLimits,
+    progress: bool,
+) -> None:
+    """Prepare `items` (inputs `start`, `start + 1`, ...) and pack them, in order, into new shards
+    appended to `shards`; each finished shard is logged to the progress file."""
     pending: list[dict] = []  # rejects since the last finished shard
 
     def finish(writer: ShardWriter, last_index: int) -> None:
@@ -249,10 +280,11 @@ def _pack(items, out, name, shard_bytes, max_samples, encode, workers, limits, p
         rejects.extend(pending)
         pending.clear()
 
-    jobs = ((i, items[i], encode, limits) for i in range(start, len(items)))
+    last = start + len(items) - 1
+    jobs = ((start + i, item, encode, limits) for i, item in enumerate(items))
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
     results: Iterator[dict] = pool.imap(prepare, jobs) if pool else map(prepare, jobs)
-    bar = tqdm(total=len(items), initial=start, unit="video", desc=f"shards -> {out}", disable=not progress)
+    bar = tqdm(total=last + 1, initial=start, unit="video", desc=f"shards -> {out}", disable=not progress)
     writer: ShardWriter | None = None
     try:
         for result in results:
@@ -266,7 +298,7 @@ def _pack(items, out, name, shard_bytes, max_samples, encode, workers, limits, p
                 finish(writer, result["index"])
                 writer = None
         if writer is not None:
-            finish(writer, len(items) - 1)
+            finish(writer, last)
             writer = None
         rejects.extend(pending)  # rejects after the last shard
     finally:
@@ -287,7 +319,9 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("input", help="folder of videos (recursive) or a .csv / .jsonl list of path[,label]")
     p.add_argument("--out", required=True, help="output folder for shards, manifest.json, rejects.jsonl")
     p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")

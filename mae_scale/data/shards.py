@@ -19,9 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import webdataset as wds
-from webdataset.tariterators import base_plus_ext
-
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 MEMBERS = ("mp4", "json")  # what a sample holds; nothing else is ever read, let alone unpickled
@@ -81,7 +78,9 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"{where}: 'version' is {d.get('version')!r}, this code reads {MANIFEST_VERSION}")
+            raise ManifestError(
+                f"{where}: 'version' is {d.get('version')!r}, this code reads {MANIFEST_VERSION}"
+            )
         if not isinstance(d.get("shards"), list) or not d["shards"]:
             raise ManifestError(f"{where}: 'shards' must be a non-empty list")
         shards = []
@@ -89,11 +88,15 @@ class Manifest:
             try:
                 info = ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
             except (KeyError, TypeError, ValueError) as exc:
-                raise ManifestError(f"{where}: shards[{i}] needs name, samples, bytes, sha256 ({exc!r})") from exc
+                raise ManifestError(
+                    f"{where}: shards[{i}] needs name, samples, bytes, sha256 ({exc!r})"
+                ) from exc
             if info.samples < 0 or info.bytes < 0:
                 raise ManifestError(f"{where}: shards[{i}] ({info.name}) has a negative count")
             shards.append(info)
-        manifest = cls(shards, str(d.get("name", "shard")), int(d.get("rejects", 0)), dict(d.get("build", {})))
+        manifest = cls(
+            shards, str(d.get("name", "shard")), int(d.get("rejects", 0)), dict(d.get("build", {}))
+        )
         for key, value in (("total_samples", manifest.total_samples), ("total_bytes", manifest.total_bytes)):
             if key in d and d[key] != value:
                 raise ManifestError(f"{where}: '{key}' is {d[key]} but the shards sum to {value}")
@@ -102,6 +105,26 @@ class Manifest:
 
 def is_url(location: str) -> bool:
     return "://" in location or location.startswith("pipe:")
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A readable stream for a local path or any webdataset URL (`pipe:`, `http://`, ...).
+
+    webdataset (and with it torch) is imported only for URLs, so the shard writer's worker
+    processes start in a fraction of a second.
+    """
+    if not is_url(url) or url.startswith("file:"):
+        return open(url.removeprefix("file://").removeprefix("file:"), "rb")
+    import webdataset as wds
+
+    return wds.gopen(url, "rb")
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """webdataset's naming rule: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem, ext) if dot and stem else (None, None)
 
 
 def manifest_location(shards: str | Path) -> str:
@@ -121,11 +144,8 @@ def read_manifest(shards: str | Path) -> tuple[Manifest, list[str]]:
     """
     location = manifest_location(shards)
     try:
-        if is_url(location):
-            with wds.gopen(location, "rb") as f:
-                text = f.read()
-        else:
-            text = Path(location).read_bytes()
+        with open_shard(location) as f:
+            text = f.read()
         data = json.loads(text)
     except FileNotFoundError as exc:
         raise ManifestError(f"{location}: no manifest here (build shards with tools/make_shards.py)") from exc
@@ -240,7 +260,7 @@ def iter_tar(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES) -> It
         for info in tar:
             if not info.isreg():
                 continue
-            key, ext = base_plus_ext(info.name)
+            key, ext = split_key(info.name)
             if key is None:
                 continue  # a member without an extension belongs to no sample
             ext = ext.lower()
@@ -261,7 +281,9 @@ def iter_tar(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES) -> It
             else:
                 current.members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        yield RawSample(current.key if current else "", fault="bad_tar", detail=f"truncated or corrupt: {exc}")
+        yield RawSample(
+            current.key if current else "", fault="bad_tar", detail=f"truncated or corrupt: {exc}"
+        )
         return
     if current is not None:
         yield current

@@ -13,26 +13,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
-import av
-import numpy as np
 import torch
 import webdataset as wds
-from av.video.reformatter import VideoReformatter
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mae_scale.data.decode import BadVideo, VideoLimits, decode_frames
-from mae_scale.data.shards import MAX_MEMBER_BYTES, RawSample, iter_tar
-from mae_scale.data.transforms import ClipSpec, make_clips, plan_clips
+from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, RGBConverter, VideoLimits, decode_frames
+from mae_scale.data.shards import MAX_MEMBER_BYTES, RawSample, iter_tar, open_shard
+from mae_scale.data.transforms import ClipSpec, empty_clips, make_clips, plan_clips
+
+BAD = object()  # marks a sample that was skipped (and counted)
 
 
 class BadDataError(RuntimeError):
     """Too many bad samples (or none good): the message names the ratio, the limit and the main reasons."""
+
+
+def _new_batch(spec: StreamSpec, shared: bool) -> torch.Tensor:
+    """An uninitialized uint8 (B*R, C, T, H, W) batch, channels-last like the clips (see transforms).
+
+    In a worker process it is allocated in shared memory right away, as DataLoader's own collate
+    does, so that handing it to the main process copies nothing.
+    """
+    clip = spec.clip
+    if not shared:
+        return empty_clips(spec.batch_size * clip.repeats, clip)
+    shape = (spec.batch_size * clip.repeats, clip.num_frames, clip.size, clip.size, 3)  # (B*R, T, H, W, C)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape).permute(0, 4, 1, 2, 3)
 
 
 def stable_seed(*parts: object) -> int:
@@ -101,7 +115,7 @@ class StreamSpec:
     world_size: int
     workers: int  # streams per rank (DataLoader workers, 1 when loading in-process)
     shuffle_buffer: int = 64
-    limits: VideoLimits = VideoLimits()
+    limits: VideoLimits = DEFAULT_LIMITS
     max_member_bytes: int = MAX_MEMBER_BYTES
 
     @property
@@ -134,7 +148,9 @@ class ClipStream(IterableDataset):
             wds.DataPipeline(
                 lambda: iter(shards),
                 lambda src: self._read(src, keep),
-                wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng) if spec.shuffle_buffer > 1 else None,
+                wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)
+                if spec.shuffle_buffer > 1
+                else None,
             )
         )
 
@@ -144,7 +160,7 @@ class ClipStream(IterableDataset):
         for shard in shards:
             count = 0
             try:
-                stream = wds.gopen(shard.url, "rb")
+                stream = open_shard(shard.url)
             except Exception as exc:  # noqa: BLE001 - any failure to open is one fault, named
                 raw = RawSample("", fault="unreadable_shard", detail=f"{shard.url}: {exc}")
             else:
@@ -157,6 +173,8 @@ class ClipStream(IterableDataset):
                         if mine(g + count):
                             yield Item(shard.name, sample)
                         count += 1
+                except Exception as exc:  # noqa: BLE001 - e.g. a stream that fails mid-read
+                    raw = RawSample("", fault="bad_tar", detail=f"{shard.url}: {type(exc).__name__}: {exc}")
                 finally:
                     try:
                         stream.close()
@@ -176,33 +194,33 @@ class ClipStream(IterableDataset):
         info = get_worker_info()
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if num_workers != spec.workers:
-            raise RuntimeError(f"ClipStream built for {spec.workers} workers runs in a loader with {num_workers}")
+            raise RuntimeError(
+                f"ClipStream built for {spec.workers} workers runs in a loader with {num_workers}"
+            )
         worker = (physical + self.worker_offset) % spec.workers
         slot = spec.rank * spec.workers + worker
         epoch, skip = self.start[worker]
         stats = StreamStats()
-        reformatter = VideoReformatter()  # keeps its FFmpeg scaler between frames (to_ndarray makes one per call)
-
-        def to_rgb(frame: av.VideoFrame) -> np.ndarray:
-            return reformatter.reformat(frame, format="rgb24").to_ndarray()  # (H, W, 3) at source size
-
-        clips, keys, labels, first_epoch = [], [], [], None
+        to_rgb = RGBConverter()
+        clip = spec.clip
+        new_batch = lambda: _new_batch(spec, shared=info is not None)  # noqa: E731
+        batch, filled, keys, labels, first_epoch = new_batch(), 0, [], [], None
         while True:
             consumed, good = skip, 0
             for item in islice(self.epoch_items(slot, epoch), skip, None):  # fast-forward: tar reads only
                 consumed += 1
-                sample = self._clips(item, epoch, stats, to_rgb)
-                if sample is None:
+                out = batch[filled * clip.repeats : (filled + 1) * clip.repeats]
+                label = self._clips(item, epoch, stats, to_rgb, out)
+                if label is BAD:
                     continue
                 good += 1
-                if first_epoch is None:
-                    first_epoch = epoch
-                clips.append(sample[0])
-                keys += [item.raw.key] * spec.clip.repeats
-                labels += [sample[1]] * spec.clip.repeats
-                if len(clips) == spec.batch_size:
+                filled += 1
+                first_epoch = epoch if first_epoch is None else first_epoch
+                keys += [item.raw.key] * clip.repeats
+                labels += [label] * clip.repeats
+                if filled == spec.batch_size:
                     yield {
-                        "clips": torch.cat(clips),  # (B*R, C, T, H, W) uint8
+                        "clips": batch,  # (B*R, C, T, H, W) uint8
                         "keys": keys,
                         "labels": labels,
                         "epoch": first_epoch,
@@ -210,7 +228,7 @@ class ClipStream(IterableDataset):
                         "_position": (epoch, consumed),
                         "_stats": stats.pop(),
                     }
-                    clips, keys, labels, first_epoch = [], [], [], None
+                    batch, filled, keys, labels, first_epoch = new_batch(), 0, [], [], None
             if skip == 0 and good == 0:
                 raise BadDataError(
                     f"rank {spec.rank} worker {worker}: epoch {epoch} gave no usable sample "
@@ -218,16 +236,16 @@ class ClipStream(IterableDataset):
                 )
             epoch, skip = epoch + 1, 0
 
-    def _clips(self, item: Item, epoch: int, stats: StreamStats, to_rgb) -> tuple[torch.Tensor, object] | None:
-        """Decode one sample into (R, C, T, H, W) uint8 clips and its label, or count it as bad."""
+    def _clips(self, item: Item, epoch: int, stats: StreamStats, to_rgb: RGBConverter, out: torch.Tensor):
+        """Decode one sample into R clips written to `out` (R, C, T, H, W); its label, or BAD (counted)."""
         raw = item.raw
         if raw.fault:
             stats.add_bad(raw.fault, item, raw.detail, item.bad)
-            return None
+            return BAD
         missing = [m for m in ("mp4", "json") if m not in raw.members]
         if missing:
             stats.add_bad("missing_member", item, f"no .{' .'.join(missing)}")
-            return None
+            return BAD
         try:
             meta = json.loads(raw.members["json"])
             frames = meta["frames"]
@@ -235,22 +253,21 @@ class ClipStream(IterableDataset):
                 raise ValueError(f"'frames' must be a positive int, got {frames!r}")
         except (ValueError, KeyError, TypeError) as exc:
             stats.add_bad("bad_json", item, repr(exc))
-            return None
+            return BAD
         rng = random.Random(stable_seed(self.spec.seed, "sample", epoch, item.shard, raw.key))
         try:
             plan, note = plan_clips(frames, self.spec.clip, rng)
             wanted = sorted({i for clip in plan for i in clip})
             stats.decoded += 1
             decoded = decode_frames(raw.members["mp4"], wanted, to_rgb, self.spec.limits)
-            clips = make_clips(torch.from_numpy(np.stack(decoded)), plan, self.spec.clip, rng)
+            make_clips(decoded, plan, self.spec.clip, rng, out=out)
         except BadVideo as exc:
             stats.add_bad(exc.reason, item, exc.detail)
-            return None
+            return BAD
         except Exception as exc:  # noqa: BLE001 - a crafted file must not kill the run; it is named
             stats.add_bad("decode_error", item, f"{type(exc).__name__}: {exc}")
-            return None
+            return BAD
         if note:
             stats.info[note] += 1
         stats.samples += 1
-        return clips, meta.get("label")
-
+        return meta.get("label")

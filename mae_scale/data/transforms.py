@@ -2,15 +2,20 @@
 
 A video yields R clips ("repeated sampling", MAE-ST): R independent temporal starts, each clip T
 frames at a stride, each with its own random resized crop and flip. Pixels stay uint8 `(C, T, H, W)`:
-normalization happens on the accelerator, which moves 4x fewer bytes to the device.
+normalization happens on the accelerator, which moves 4x fewer bytes to the device. Clips are laid
+out in memory as (T, H, W, C) (`torch.channels_last_3d`): that is how the resize produces them, so
+no transposing copy is made on the host (measured: it cost as much as the resize itself at 224 px);
+use `.reshape`/einops rather than `.view` on them, or `.contiguous()` on the device.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -54,8 +59,10 @@ class ClipSpec:
         return (self.num_frames - 1) * self.stride + 1
 
 
-def plan_clips(num_video_frames: int, spec: ClipSpec, rng: random.Random) -> tuple[list[list[int]], str | None]:
-    """Frame indices of R clips, and a note when the short-video policy applied ("short_stride", "short_loop").
+def plan_clips(
+    num_video_frames: int, spec: ClipSpec, rng: random.Random
+) -> tuple[list[list[int]], str | None]:
+    """Frame indices of R clips, and a note if the short-video policy applied ("short_stride", "short_loop").
 
     A video shorter than one clip is handled by `spec.short_video`: `stride` takes the largest
     stride that fits (and gives up when even stride 1 does not), `loop` wraps indices around the
@@ -68,7 +75,9 @@ def plan_clips(num_video_frames: int, spec: ClipSpec, rng: random.Random) -> tup
             starts = [rng.randrange(n) for _ in range(spec.repeats)]
             return [[(s + i * stride) % n for i in range(t)] for s in starts], "short_loop"
         if spec.short_video == "skip" or n < t:
-            raise BadVideo("too_few_frames", f"{n} frames, a clip of {t} at stride {stride} needs {spec.span}")
+            raise BadVideo(
+                "too_few_frames", f"{n} frames, a clip of {t} at stride {stride} needs {spec.span}"
+            )
         stride, note = (n - 1) // (t - 1), "short_stride"
     span = (t - 1) * stride + 1
     starts = [rng.randint(0, n - span) for _ in range(spec.repeats)]
@@ -98,7 +107,10 @@ def random_resized_crop(
 
 
 def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
-    """Crop `box` from uint8 frames (T, H, W, C), resize to size x size, flip; returns (C, T, size, size)."""
+    """Crop `box` from uint8 frames (T, H, W, C), resize to size x size, flip; returns (C, T, size, size).
+
+    The result is a channels-last view: (T, size, size, C) in memory, as the uint8 resize makes it.
+    """
     top, left, h, w = box
     clip = rearrange(frames[:, top : top + h, left : left + w], "t h w c -> t c h w")  # channels-last view
     clip = F.interpolate(clip, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -107,16 +119,33 @@ def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int,
     return rearrange(clip, "t c h w -> c t h w")  # (C, T, size, size)
 
 
-def make_clips(frames: torch.Tensor, clips: list[list[int]], spec: ClipSpec, rng: random.Random) -> torch.Tensor:
-    """R augmented clips from decoded frames (F, H, W, C) whose order matches sorted(set(indices)).
+def empty_clips(n: int, spec: ClipSpec) -> torch.Tensor:
+    """Uninitialized uint8 (n, C, T, size, size) clips, channels-last: (n, T, size, size, C) in memory."""
+    return torch.empty((n, spec.num_frames, spec.size, spec.size, 3), dtype=torch.uint8).permute(
+        0, 4, 1, 2, 3
+    )
 
-    Returns uint8 (R, C, T, size, size).
+
+def make_clips(
+    frames: Sequence[np.ndarray],
+    clips: list[list[int]],
+    spec: ClipSpec,
+    rng: random.Random,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R augmented clips from decoded (H, W, C) frames, given in the order of sorted(set(indices)).
+
+    Each clip copies only its crop of its frames before resizing. Returns uint8 (R, C, T, size, size),
+    written into `out` when given (a slice of the batch, which saves a copy per batch); copying into
+    a channels-last `out` (see `empty_clips`) is a plain memory copy.
     """
     position = {index: i for i, index in enumerate(sorted({i for clip in clips for i in clip}))}
-    _, height, width, _ = frames.shape
-    out = []
-    for clip in clips:
-        box = random_resized_crop(height, width, spec.crop_scale, spec.crop_aspect, rng)
+    height, width = frames[0].shape[:2]
+    if out is None:
+        out = empty_clips(len(clips), spec)
+    for r, clip in enumerate(clips):
+        top, left, h, w = random_resized_crop(height, width, spec.crop_scale, spec.crop_aspect, rng)
         flip = spec.flip and rng.random() < 0.5
-        out.append(crop_resize(frames[[position[i] for i in clip]], box, spec.size, flip))
-    return torch.stack(out)  # (R, C, T, size, size)
+        crop = torch.from_numpy(np.stack([frames[position[i]][top : top + h, left : left + w] for i in clip]))
+        out[r] = crop_resize(crop, (0, 0, h, w), spec.size, flip)  # crop: (T, h, w, C)
+    return out

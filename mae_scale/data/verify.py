@@ -18,12 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import webdataset as wds
+from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, VideoLimits, probe
+from mae_scale.data.shards import (
+    MEMBERS,
+    ManifestError,
+    ShardInfo,
+    is_url,
+    iter_tar,
+    open_shard,
+    read_manifest,
+)
 
-from mae_scale.data.decode import BadVideo, VideoLimits, probe
-from mae_scale.data.shards import MEMBERS, ManifestError, ShardInfo, is_url, iter_tar, read_manifest
-
-META_FIELDS = {"source": str, "frames": int, "fps": (int, float), "width": int, "height": int, "duration": (int, float)}
+META_FIELDS = {
+    "source": str,
+    "frames": int,
+    "fps": (int, float),
+    "width": int,
+    "height": int,
+    "duration": (int, float),
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,7 @@ def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fa
         faults.append(Fault(shard.name, key, reason, detail))
 
     try:
-        f = wds.gopen(url, "rb")
+        f = open_shard(url)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         fault("", "unreadable_shard", f"{url}: {exc}")
         return faults, count, keys
@@ -94,7 +107,11 @@ def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fa
                 continue
             keys.append(sample.key)
             for ext in sample.extra:
-                fault(sample.key, "unexpected_member", f"{sample.key}.{ext} (a sample holds only .mp4 and .json)")
+                fault(
+                    sample.key,
+                    "unexpected_member",
+                    f"{sample.key}.{ext} (a sample holds only .mp4 and .json)",
+                )
             missing = [m for m in MEMBERS if m not in sample.members]
             if missing:
                 fault(sample.key, "missing_member", f"no .{' .'.join(missing)}")
@@ -117,7 +134,11 @@ def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fa
                 got = (info.frames, info.width, info.height)
                 want = (meta["frames"], meta["width"], meta["height"])
                 if got != want or abs(info.fps - meta["fps"]) > 1e-3 * info.fps:
-                    fault(sample.key, "meta_mismatch", f"json frames/w/h/fps {want} {meta['fps']}, video {got} {info.fps}")
+                    fault(
+                        sample.key,
+                        "meta_mismatch",
+                        f"json frames/w/h/fps {want} {meta['fps']}, video {got} {info.fps}",
+                    )
         reader.drain()
     except OSError as exc:
         fault("", "unreadable_shard", str(exc))
@@ -131,19 +152,25 @@ def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fa
     if reader.size != shard.bytes:
         fault("", "size_mismatch", f"manifest says {shard.bytes} bytes, read {reader.size}")
     elif reader.hash.hexdigest() != shard.sha256:
-        fault("", "sha256_mismatch", f"manifest {shard.sha256[:12]}..., file {reader.hash.hexdigest()[:12]}...")
+        fault(
+            "", "sha256_mismatch", f"manifest {shard.sha256[:12]}..., file {reader.hash.hexdigest()[:12]}..."
+        )
     return faults, count, keys
 
 
 def verify_shards(
-    shards: str | Path, *, decode: bool = True, limits: VideoLimits = VideoLimits(), workers: int = 0
+    shards: str | Path, *, decode: bool = True, limits: VideoLimits = DEFAULT_LIMITS, workers: int = 0
 ) -> tuple[list[Fault], dict[str, int]]:
     """All faults of a shard set and a summary (shards, samples, bytes, faults)."""
     try:
         manifest, urls = read_manifest(shards)
     except ManifestError as exc:
-        return [Fault("manifest.json", "", "bad_manifest", str(exc))], {"shards": 0, "samples": 0, "faults": 1}
-    jobs = [(s, url, decode, limits) for s, url in zip(manifest.shards, urls)]
+        return [Fault("manifest.json", "", "bad_manifest", str(exc))], {
+            "shards": 0,
+            "samples": 0,
+            "faults": 1,
+        }
+    jobs = [(s, url, decode, limits) for s, url in zip(manifest.shards, urls, strict=True)]
     if workers > 0:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(verify_shard, jobs)
@@ -151,7 +178,7 @@ def verify_shards(
         results = [verify_shard(job) for job in jobs]
     faults = [f for r in results for f in r[0]]
     key_shards: dict[str, list[str]] = {}
-    for shard, (_, _, keys) in zip(manifest.shards, results):
+    for shard, (_, _, keys) in zip(manifest.shards, results, strict=True):
         for key in keys:
             key_shards.setdefault(key, []).append(shard.name)
     for key, names in key_shards.items():
@@ -161,7 +188,9 @@ def verify_shards(
         listed = {s.name for s in manifest.shards}
         for path in sorted(Path(shards).glob("*.tar")):
             if path.name not in listed:
-                faults.append(Fault(path.name, "", "unlisted_shard", "a .tar in the folder that the manifest omits"))
+                faults.append(
+                    Fault(path.name, "", "unlisted_shard", "a .tar in the folder that the manifest omits")
+                )
     summary = {
         "shards": len(manifest.shards),
         "samples": sum(r[1] for r in results),
@@ -174,13 +203,17 @@ def verify_shards(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Check shards against manifest.json; non-zero exit on any fault.")
     p.add_argument("shards", help="folder with manifest.json, or a manifest path or URL")
-    p.add_argument("--no-decode", action="store_true", help="skip decoding the videos (hashes and members only)")
+    p.add_argument(
+        "--no-decode", action="store_true", help="skip decoding the videos (hashes and members only)"
+    )
     p.add_argument("--workers", type=int, default=0, help="processes (default: 0, in-process)")
     p.add_argument("--max-pixels", type=int, default=VideoLimits.max_pixels)
     p.add_argument("--min-side", type=int, default=VideoLimits.min_side)
     args = p.parse_args(argv)
     limits = VideoLimits(args.max_pixels, args.min_side)
-    faults, summary = verify_shards(args.shards, decode=not args.no_decode, limits=limits, workers=args.workers)
+    faults, summary = verify_shards(
+        args.shards, decode=not args.no_decode, limits=limits, workers=args.workers
+    )
     for f in faults:
         print(f"FAULT {f}")
     reasons = ", ".join(f"{r} x{n}" for r, n in Counter(f.reason for f in faults).most_common())

@@ -86,7 +86,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, engine, step: int, rank_state: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, rank_state: dict[str, Any], config_yaml: str = "") -> Path:
+        """All ranks: DeepSpeed's shards, then each rank's state, then (rank 0) complete.json and `latest`."""
         tag = tag_for(step)
         path = self.root / tag
         if self.rank == 0 and path.exists():  # a torn earlier attempt at this step
@@ -95,6 +96,8 @@ class Checkpointer:
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         _write_json(path / f"rank_{self.rank:05d}.json", {"version": FORMAT_VERSION, "step": step, **rank_state})
         torch.save(rng_state(), path / f"rank_{self.rank:05d}_rng.pt")
+        if self.rank == 0 and config_yaml:  # the resolved config travels with the weights
+            _write_text_atomic(path / "config.yaml", config_yaml)
         D.barrier()  # every rank has written everything
         if self.rank == 0:
             files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from mae_scale.config import Config
 from mae_scale.train import dist as D
@@ -33,8 +35,9 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.requested:
-            print(f"[mae-scale] second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
+            print(f"[mae-scale] second {signal.Signals(signum).name}: exiting now, without a checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # at once, even inside a collective; the last complete checkpoint stands
         self.requested = True
         print(f"[mae-scale] {signal.Signals(signum).name}: will checkpoint after this step and exit",
               file=sys.stderr, flush=True)
@@ -58,10 +61,17 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
 
     engine = built.engine
     run_dir = cfg.run_dir
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=rank, world_size=world_size,
-                        log=_rank0_print if rank == 0 else (lambda *_: None))
+    log = _rank0_print if rank == 0 else (lambda *_: None)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=rank, world_size=world_size, log=log)
     start_step, replay_note = 0, ""
-    restored = ckpt.load(engine, resume) if resume != "none" else None
+    restored, source = None, ckpt
+    if resume is not None and resume != "none" and os.sep in resume:  # a checkpoint folder of another run
+        source = Checkpointer(Path(resume).parent, keep=1, rank=rank, world_size=world_size, log=log)
+        restored = source.load(engine, Path(resume).name)
+        if restored is None:
+            raise FileNotFoundError(f"--resume {resume}: checkpoint not usable (see the messages above)")
+    elif resume != "none":
+        restored = ckpt.load(engine, resume)
     if restored is not None:
         tag, state = restored
         start_step = int(engine.global_steps)
@@ -81,7 +91,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                             project=cfg.log.wandb_project, total_steps=cfg.train.steps, start_step=start_step,
                             resumed=restored is not None)
     if restored is not None:
-        metrics.info(f"[mae-scale] resumed from {run_dir / 'checkpoints' / restored[0]} at step {start_step}: "
+        metrics.info(f"[mae-scale] resumed from {source.root / restored[0]} at step {start_step}: "
                      f"{replay_note}")
     metrics.info(f"[mae-scale] attention={engine.module.attention_backend()} precision={built.precision} "
                  f"zero_stage={engine.zero_optimization_stage()} ranks={world_size} "
@@ -91,11 +101,13 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     weights_l2 = math.sqrt(D.all_reduce_sum([local_sum_of_squares(engine.module)])[0])
     metrics.log(start_step, {"event": "start", "params_total": params_total,
                              "params_per_rank": D.all_gather_object(params_local),
+                             "clips_per_step": built.clips_per_step, "grad_accum": cfg.train.grad_accum,
                              "weights_l2": weights_l2, "zero_stage": engine.zero_optimization_stage(),
                              "precision": built.precision,
                              "attention": engine.module.attention_backend(), "world_size": world_size})
     sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
 
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     stop = StopSignal()
     step = start_step
     window = _Window()
@@ -144,7 +156,8 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                 window = _Window()
             due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
             if stop.requested or step == cfg.train.steps or due:
-                path = ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_total})
+                path = ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_total},
+                                 config_yaml=config_yaml)
                 last_save_time = time.monotonic()
                 metrics.info(f"[mae-scale] checkpoint saved: {path}")
             if stop.requested:
