@@ -133,6 +133,7 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir or os.path.join("runs", self.run.name))
+
     # ------------------------------------------------------------------ loading
 
     @classmethod
@@ -191,8 +192,12 @@ class Config:
         if m.mask_type == "frame" and d.num_frames % m.t_patch_size == 0:
             slices = d.num_frames // m.t_patch_size
             if int(slices * (1 - m.mask_ratio)) < 1:
-                bad("model.mask_ratio", m.mask_ratio, f"with model.mask_type='frame' must keep at least one of "
-                    f"{slices} time slices: at most {1 - 1 / slices:.4g}")
+                bad(
+                    "model.mask_ratio",
+                    m.mask_ratio,
+                    f"with model.mask_type='frame' must keep at least one of "
+                    f"{slices} time slices: at most {1 - 1 / slices:.4g}",
+                )
         positive("model.checkpoint_activations", m.checkpoint_activations, zero_ok=True)
         positive("model.t_patch_size", m.t_patch_size)
         positive("model.pred_t_dim", m.pred_t_dim)
@@ -256,12 +261,19 @@ class Config:
                 available = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json"))
                 hint = difflib.get_close_matches(self.deepspeed.config, available, n=1)
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-                bad("deepspeed.config", self.deepspeed.config,
-                    f"no such file {ds_path}; available in ds_configs/: {', '.join(available)}{extra}")
+                bad(
+                    "deepspeed.config",
+                    self.deepspeed.config,
+                    f"no such file {ds_path}; available in ds_configs/: {', '.join(available)}{extra}",
+                )
             manifest = self.manifest_path
             if manifest is not None and not manifest.is_file() and d.shards != DEMO_SHARDS:
-                bad("data.shards", d.shards, f"no manifest.json at {manifest} (build shards with "
-                    "tools/make_shards.py INPUT --out DIR)")
+                bad(
+                    "data.shards",
+                    d.shards,
+                    f"no manifest.json at {manifest} (build shards with "
+                    "tools/make_shards.py INPUT --out DIR)",
+                )
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
@@ -371,8 +383,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if origin is tuple:
         args = get_args(typ)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values, e.g. [{', '.join('x' * len(args))}]")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+            raise ConfigError(
+                f"{key}={value!r}: expected a list of {len(args)} values, e.g. [{', '.join('x' * len(args))}]"
+            )
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if typ is bool:
         if isinstance(value, bool):
             return value

@@ -36,11 +36,15 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, st
         tags = ", ".join(ckpt.tags()) or "none"
         what = f"step {step}" if step is not None else "any complete checkpoint"
         problems = "; ".join(ckpt.problems(wanted)) if wanted else ""
-        raise FileNotFoundError(f"{root}: no usable checkpoint for {what} (checkpoints: {tags}) {problems}".strip())
+        raise FileNotFoundError(
+            f"{root}: no usable checkpoint for {what} (checkpoints: {tags}) {problems}".strip()
+        )
     return root, found[0]
 
 
-def consolidated_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], Config, str]:
+def consolidated_state_dict(
+    run_dir: Path, step: int | None = None
+) -> tuple[dict[str, torch.Tensor], Config, str]:
     """fp32 weights of a (ZeRO-partitioned) checkpoint of RUN, with the run's config."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -53,7 +57,9 @@ def consolidated_state_dict(run_dir: Path, step: int | None = None) -> tuple[dic
     return sd, cfg, tag
 
 
-def export_run(run_dir: str | os.PathLike, step: int | None = None, out: str | os.PathLike | None = None) -> Path:
+def export_run(
+    run_dir: str | os.PathLike, step: int | None = None, out: str | os.PathLike | None = None
+) -> Path:
     from safetensors.torch import save_file
 
     from mae_scale.train.engine import model_kwargs
@@ -65,9 +71,20 @@ def export_run(run_dir: str | os.PathLike, step: int | None = None, out: str | o
     kwargs = model_kwargs(cfg)
     meta = {"format": "mae-scale export v1", "checkpoint": tag}
     save_file(sd, str(out / "mae.safetensors"), metadata=meta)
-    save_file({k: v for k, v in sd.items() if is_encoder_key(k)}, str(out / "encoder.safetensors"), metadata=meta)
-    (out / "model_config.json").write_text(json.dumps({"model_kwargs": kwargs, "preset": cfg.model.preset,
-                                                       "checkpoint": tag, "run_config": cfg.to_dict()}, indent=1))
+    save_file(
+        {k: v for k, v in sd.items() if is_encoder_key(k)}, str(out / "encoder.safetensors"), metadata=meta
+    )
+    (out / "model_config.json").write_text(
+        json.dumps(
+            {
+                "model_kwargs": kwargs,
+                "preset": cfg.model.preset,
+                "checkpoint": tag,
+                "run_config": cfg.to_dict(),
+            },
+            indent=1,
+        )
+    )
     torch.save({"model": sd, "mae_scale": {"model_kwargs": kwargs, "checkpoint": tag}}, out / "mae_st.pth")
     return out
 

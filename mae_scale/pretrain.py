@@ -16,11 +16,18 @@ from mae_scale.config import DEMO_SHARDS, Config, ConfigError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mae_scale.pretrain", description=__doc__)
     p.add_argument("--config", required=True, help="preset name (demo, vit_b, vit_l, ...) or a YAML path")
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from RUN/checkpoints/latest if present; none: start fresh; "
-                        "or a checkpoint tag/path")
-    p.add_argument("--overwrite", action="store_true", help="with --resume none: allow an existing run folder")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: continue from RUN/checkpoints/latest if present; none: start fresh; "
+        "or a checkpoint tag/path",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="with --resume none: allow an existing run folder"
+    )
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return p.parse_args(argv)
 
@@ -57,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             cfg.save(cfg.run_dir / "config.yaml")
         built = build_engine(cfg, world, load_universal=_resumes_from_other_world(cfg, resume, world))
-        loader = build_loader(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed, rank=rank,
-                              world_size=world)
+        loader = build_loader(
+            cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed, rank=rank, world_size=world
+        )
         summary = train(cfg, built, loader, rank=rank, world_size=world, resume=resume)
         if summary["last_clips"] is not None and not summary["stopped_by_signal"]:
             from mae_scale.viz import save_training_reconstruction
@@ -84,14 +92,17 @@ def _resumes_from_other_world(cfg: Config, resume: str | None, world: int) -> bo
 
 
 def _resume_choice(cfg: Config, args: argparse.Namespace) -> str | None:
-    """auto -> None (newest usable); none -> "none" (refuses an existing run unless --overwrite); else a tag."""
+    """auto -> None (newest usable); none -> "none" (refuses an existing run unless --overwrite);
+    else a tag of this run or a checkpoint folder path."""
     ckpt_dir = cfg.run_dir / "checkpoints"
     if args.resume == "auto":
         return None
     if args.resume == "none":
         if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.overwrite:
-            raise ConfigError(f"--resume none: {cfg.run_dir} already holds checkpoints; pass --overwrite to start "
-                              "over in it, or choose another run.name")
+            raise ConfigError(
+                f"--resume none: {cfg.run_dir} already holds checkpoints; pass --overwrite to start "
+                "over in it, or choose another run.name"
+            )
         if ckpt_dir.exists() and args.overwrite and int(os.environ.get("RANK", "0")) == 0:
             import shutil
 
@@ -101,8 +112,10 @@ def _resume_choice(cfg: Config, args: argparse.Namespace) -> str | None:
         return args.resume
     path = Path(args.resume).resolve()
     if not (path / "complete.json").is_file():
-        raise ConfigError(f"--resume {args.resume!r}: neither a checkpoint tag in {ckpt_dir} nor a complete "
-                          "checkpoint folder (one with complete.json)")
+        raise ConfigError(
+            f"--resume {args.resume!r}: neither a checkpoint tag in {ckpt_dir} nor a complete "
+            "checkpoint folder (one with complete.json)"
+        )
     return str(path)
 
 

@@ -14,14 +14,28 @@ import torch
 from mae_scale.model.patches import patchify, target_frame_indices, unpatchify
 
 
-def reconstruction_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *, patch_size: int,
-                        t_patch_size: int, pred_t_dim: int, norm_pix_loss: bool, mean, std,
-                        max_clips: int = 4) -> np.ndarray:
+def reconstruction_grid(
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    patch_size: int,
+    t_patch_size: int,
+    pred_t_dim: int,
+    norm_pix_loss: bool,
+    mean,
+    std,
+    max_clips: int = 4,
+) -> np.ndarray:
     """imgs: normalized (B, C, T, H, W); pred: (B, N, u*p*p*C); mask: (B, N), 1 = masked.
 
     Returns uint8 (rows*H, pred_t_dim*W, 3): per clip three rows (original, masked, reconstruction).
     """
-    imgs, pred, mask = imgs[:max_clips].float().cpu(), pred[:max_clips].float().cpu(), mask[:max_clips].float().cpu()
+    imgs, pred, mask = (
+        imgs[:max_clips].float().cpu(),
+        pred[:max_clips].float().cpu(),
+        mask[:max_clips].float().cpu(),
+    )
     B, C, T, H, W = imgs.shape
     u = t_patch_size * pred_t_dim // T  # frames per token in the target
     target = imgs.index_select(2, target_frame_indices(T, pred_t_dim))  # (B, C, pred_t_dim, H, W)
@@ -55,7 +69,9 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, kwargs: dict, mean, std, seed: int = 0) -> np.ndarray:
+def reconstruct(
+    model: torch.nn.Module, imgs: torch.Tensor, kwargs: dict, mean, std, seed: int = 0
+) -> np.ndarray:
     """Run `model` on normalized clips with a seeded mask and draw the grid (collective under ZeRO-3)."""
     was_training = model.training
     model.eval()
@@ -64,9 +80,17 @@ def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, kwargs: dict, mean, 
     _, pred, mask = model(imgs)
     torch.random.set_rng_state(gen_state)
     model.train(was_training)
-    return reconstruction_grid(imgs, pred, mask, patch_size=kwargs["patch_size"],
-                               t_patch_size=kwargs["t_patch_size"], pred_t_dim=kwargs["pred_t_dim"],
-                               norm_pix_loss=kwargs["norm_pix_loss"], mean=mean, std=std)
+    return reconstruction_grid(
+        imgs,
+        pred,
+        mask,
+        patch_size=kwargs["patch_size"],
+        t_patch_size=kwargs["t_patch_size"],
+        pred_t_dim=kwargs["pred_t_dim"],
+        norm_pix_loss=kwargs["norm_pix_loss"],
+        mean=mean,
+        std=std,
+    )
 
 
 def save_training_reconstruction(cfg, built, clips_uint8: torch.Tensor, *, rank: int) -> Path | None:
@@ -76,7 +100,9 @@ def save_training_reconstruction(cfg, built, clips_uint8: torch.Tensor, *, rank:
 
     dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
     imgs = normalize_clips(clips_uint8[:4], cfg.data.mean, cfg.data.std, dtype)
-    picture = reconstruct(built.engine.module, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=cfg.seed)
+    picture = reconstruct(
+        built.engine.module, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=cfg.seed
+    )
     if rank != 0:
         return None
     return save_png(picture, cfg.run_dir / "reconstruction.png")

@@ -21,16 +21,30 @@ def free_port() -> int:
 
 def cpu_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", MAE_SCALE_NO_BAR="1",
-               PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="offline",
+        OMP_NUM_THREADS="1",
+        MAE_SCALE_NO_BAR="1",
+        PYTHONUNBUFFERED="1",
+        WANDB_SILENT="true",
+    )
     env.update(extra)
     return env
 
 
-def torchrun(args: list[str], *, nproc: int = 2, timeout: float = 300, env: dict | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str], *, nproc: int = 2, timeout: float = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N -m mae_scale.pretrain ARGS` from the repo root."""
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "mae_scale.pretrain", *args]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mae_scale.pretrain",
+        *args,
+    ]
     return run(cmd, timeout=timeout, env=env, check=check)
 
 
@@ -40,10 +54,14 @@ def pretrain(args: list[str], *, timeout: float = 300, env: dict | None = None, 
 
 
 def run(cmd: list[str], *, timeout: float, env: dict | None, check: bool) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+            f"--- stderr\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

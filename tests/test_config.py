@@ -25,8 +25,15 @@ def test_every_preset_loads_and_validates(name):
 def test_overrides_apply_with_types():
     cfg = Config.load(
         "demo",
-        ["model.mask_ratio=0.75", "train.steps=7", "data.crop_scale=[0.3, 0.9]", "log.wandb=off",
-         "data.flip=false", "optim.base_lr=1e-4", "model.mask_type=tube"],
+        [
+            "model.mask_ratio=0.75",
+            "train.steps=7",
+            "data.crop_scale=[0.3, 0.9]",
+            "log.wandb=off",
+            "data.flip=false",
+            "optim.base_lr=1e-4",
+            "model.mask_type=tube",
+        ],
     )
     assert cfg.model.mask_ratio == 0.75 and cfg.train.steps == 7
     assert cfg.data.crop_scale == (0.3, 0.9) and cfg.data.flip is False
@@ -58,7 +65,10 @@ def test_yaml_path_and_saved_round_trip(tmp_path):
         ("data.flip=maybe", "data.flip='maybe': expected true or false"),
         ("model=3", "model='3': is a section"),
         ("train.steps", "expected key.sub=value"),
-        ("model.mask_type=frame", "model.mask_ratio=0.9: with model.mask_type='frame' must keep at least one of 4"),
+        (
+            "model.mask_type=frame",
+            "model.mask_ratio=0.9: with model.mask_type='frame' must keep at least one of 4",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, needle):

@@ -8,14 +8,29 @@ import subprocess
 import time
 
 import pytest
-
 from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, step_losses, torchrun
 
 STEPS = 24
-BASE = ["--config", "demo", f"train.steps={STEPS}", "log.every_steps=1", "checkpoint.every_steps=0",
-        "schedule.warmup_steps=3", "train.precision=bf16", "data.workers=1"]  # bf16 path on CPU
-METRIC_KEYS = ("loss", "lr", "grad_norm", "clips_per_s", "tflops_per_device", "mfu", "data_wait_frac",
-               "peak_mem_gb")
+BASE = [
+    "--config",
+    "demo",
+    f"train.steps={STEPS}",
+    "log.every_steps=1",
+    "checkpoint.every_steps=0",
+    "schedule.warmup_steps=3",
+    "train.precision=bf16",
+    "data.workers=1",
+]  # bf16 path on CPU
+METRIC_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "clips_per_s",
+    "tflops_per_device",
+    "mfu",
+    "data_wait_frac",
+    "peak_mem_gb",
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +91,16 @@ def test_activation_checkpointing_gives_the_same_losses(zero3_run, tmp_path):
 @pytest.mark.slow
 def test_zero2_with_grad_accumulation_trains_with_whole_parameters_on_each_rank(tmp_path):
     run = tmp_path / "zero2"
-    torchrun(BASE + [f"run.dir={run}", "deepspeed.config=zero2.json", "log.wandb=off", "train.precision=fp32",
-                     "train.grad_accum=2"])
+    torchrun(
+        BASE
+        + [
+            f"run.dir={run}",
+            "deepspeed.config=zero2.json",
+            "log.wandb=off",
+            "train.precision=fp32",
+            "train.grad_accum=2",
+        ]
+    )
     losses = step_losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))  # optimizer steps, each of 2 micro-steps
     assert _falls(losses)
@@ -95,13 +118,30 @@ def test_two_nodes_on_localhost_agree_with_one_node(zero3_run, tmp_path):
     port = free_port()
     procs = []
     for node_rank in (0, 1):
-        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "mae_scale.pretrain",
-               *BASE, f"run.dir={run}", "log.wandb=off"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--module",
+            "mae_scale.pretrain",
+            *BASE,
+            f"run.dir={run}",
+            "log.wandb=off",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
+    for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-6000:]
     one_node, two_nodes = step_losses(zero3_run), step_losses(run)
     assert sorted(two_nodes) == sorted(one_node)
@@ -130,9 +170,14 @@ def test_bad_config_fails_before_any_work(tmp_path, overrides, env, needle):
 
 def test_conflicting_deepspeed_file_is_named(tmp_path):
     ds = tmp_path / "mine.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 7,
-                              "gradient_clipping": 5.0}))
-    proc = pretrain(["--config", "demo", f"run.dir={tmp_path / 'run'}", f"deepspeed.config={ds}"], check=False)
+    ds.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 7, "gradient_clipping": 5.0}
+        )
+    )
+    proc = pretrain(
+        ["--config", "demo", f"run.dir={tmp_path / 'run'}", f"deepspeed.config={ds}"], check=False
+    )
     assert proc.returncode == 2
     assert "train_micro_batch_size_per_gpu=7 (run config gives 4)" in proc.stderr
     assert "gradient_clipping=5.0 (run config gives 1.0)" in proc.stderr
@@ -142,10 +187,23 @@ def test_conflicting_deepspeed_file_is_named(tmp_path):
 def test_non_finite_losses_are_skipped_counted_then_stop_the_run(tmp_path, demo_shards):
     """A huge lr drives the weights to inf: steps are skipped (no backward), then the run stops clearly."""
     run = tmp_path / "nan"
-    proc = pretrain(["--config", "demo", f"run.dir={run}", "train.steps=60", "optim.base_lr=1e9",
-                     "schedule.warmup_steps=0", "train.grad_clip=0", "train.max_nonfinite_steps=3",
-                     "log.every_steps=1", "log.wandb=off", "checkpoint.every_steps=0", "data.workers=0"],
-                    check=False)
+    proc = pretrain(
+        [
+            "--config",
+            "demo",
+            f"run.dir={run}",
+            "train.steps=60",
+            "optim.base_lr=1e9",
+            "schedule.warmup_steps=0",
+            "train.grad_clip=0",
+            "train.max_nonfinite_steps=3",
+            "log.every_steps=1",
+            "log.wandb=off",
+            "checkpoint.every_steps=0",
+            "data.workers=0",
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr
     assert "batch skipped" in proc.stderr

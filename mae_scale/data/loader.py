@@ -16,6 +16,7 @@ on each other at the end of the data.
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -107,6 +108,8 @@ class ClipLoader:
                 multiprocessing_context=self.multiprocessing_context,
                 timeout=self.timeout_s,
             )
+        if self.num_workers > 0:
+            extra["worker_init_fn"] = _ignore_stop_signals
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
         )
@@ -222,6 +225,14 @@ class ClipLoader:
         self._next = 0
         self._totals = _Totals()
         return epoch
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Ctrl-C, or a scheduler's SIGTERM to every process of the job, must reach the trainer (which
+    finishes the step, checkpoints and exits 0), not kill the workers and turn a clean stop into a
+    crash. Workers still end when the trainer exits (DataLoader's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(

@@ -56,18 +56,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _py_rng_to_tensors(state: tuple) -> dict:
     version, internal, gauss = state
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss": [] if gauss is None else [gauss]}
+    return {
+        "version": version,
+        "internal": torch.tensor(internal, dtype=torch.int64),
+        "gauss": [] if gauss is None else [gauss],
+    }
 
 
 def _py_rng_from_tensors(d: dict) -> tuple:
-    return d["version"], tuple(int(x) for x in d["internal"].tolist()), (d["gauss"][0] if d["gauss"] else None)
+    return (
+        d["version"],
+        tuple(int(x) for x in d["internal"].tolist()),
+        (d["gauss"][0] if d["gauss"] else None),
+    )
 
 
 def _np_rng_to_tensors(state: tuple) -> dict:
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _np_rng_from_tensors(d: dict) -> tuple:
@@ -94,15 +106,19 @@ class Checkpointer:
             shutil.rmtree(path)
         D.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        _write_json(path / f"rank_{self.rank:05d}.json", {"version": FORMAT_VERSION, "step": step, **rank_state})
+        _write_json(
+            path / f"rank_{self.rank:05d}.json", {"version": FORMAT_VERSION, "step": step, **rank_state}
+        )
         torch.save(rng_state(), path / f"rank_{self.rank:05d}_rng.pt")
         if self.rank == 0 and config_yaml:  # the resolved config travels with the weights
             _write_text_atomic(path / "config.yaml", config_yaml)
         D.barrier()  # every rank has written everything
         if self.rank == 0:
             files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-            _write_json(path / "complete.json", {"version": FORMAT_VERSION, "step": step,
-                                                 "world_size": self.world_size, "files": files})
+            _write_json(
+                path / "complete.json",
+                {"version": FORMAT_VERSION, "step": step, "world_size": self.world_size, "files": files},
+            )
             _write_text_atomic(self.root / "latest", tag)
             self._rotate()
         D.barrier()
@@ -111,7 +127,7 @@ class Checkpointer:
     def _rotate(self) -> None:
         tags = self.tags()
         complete = [t for t in tags if (self.root / t / "complete.json").exists()]
-        keep = set(complete[-self.keep:])
+        keep = set(complete[-self.keep :])
         newest_complete = complete[-1] if complete else None
         for t in tags:
             incomplete_old = t not in complete and newest_complete is not None and t < newest_complete
@@ -198,7 +214,10 @@ class Checkpointer:
             all_ok = D.all_reduce_sum([0.0 if ok else 1.0])[0] == 0
             if all_ok:
                 return tag, state
-            self.log(f"[checkpoint] {tag} unreadable on some rank ({error or 'see that rank'}); trying an older one")
+            self.log(
+                f"[checkpoint] {tag} unreadable on some rank ({error or 'see that rank'}); "
+                "trying an older one"
+            )
         return None
 
     def _rank_state(self, tag: str, info: dict) -> dict[str, Any]:
@@ -209,8 +228,12 @@ class Checkpointer:
             state = json.loads(mine.read_text())
             set_rng_state(torch.load(path / f"rank_{self.rank:05d}_rng.pt", weights_only=True))
         else:  # different world size: every old rank's state, for the loader to find a safe point
-            state = {"step": info["step"], "other_world": [
-                json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(info["world_size"])]}
+            state = {
+                "step": info["step"],
+                "other_world": [
+                    json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(info["world_size"])
+                ],
+            }
         if state.get("version", FORMAT_VERSION) != FORMAT_VERSION:
             raise CheckpointError(f"{mine}: format version {state.get('version')} != {FORMAT_VERSION}")
         return state

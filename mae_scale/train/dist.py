@@ -11,17 +11,22 @@ import torch.distributed as dist
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Join the process group the launcher describes (or a group of one); returns (rank, local_rank, world)."""
+    """Join the launcher's process group (or a group of one); returns (rank, local_rank, world)."""
     import deepspeed
 
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names every step: keep the console readable.
-    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+        category=FutureWarning,
+    )
     if "RANK" not in os.environ:  # plain `python -m mae_scale.pretrain`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     timeout = datetime.timedelta(minutes=float(os.environ.get("MAE_SCALE_DIST_TIMEOUT_MIN", "30")))
-    deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    deepspeed.init_distributed(
+        dist_backend=_backend(), auto_mpi_discovery=False, verbose=False, timeout=timeout
+    )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

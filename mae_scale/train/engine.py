@@ -12,8 +12,12 @@ from mae_scale.config import Config, ConfigError
 from mae_scale.train.schedule import lr_at, peak_lr
 
 # Keys the run config owns: a ds_configs/ file that sets one of them differently is an error.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping")
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 
 
 def resolve_precision(cfg: Config) -> str:
@@ -51,7 +55,9 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "train_batch_size": micro * cfg.train.grad_accum * world_size,
         "gradient_clipping": cfg.train.grad_clip,
     }
-    conflicts = [f"{k}={ds[k]!r} (run config gives {v!r})" for k, v in wanted.items() if k in ds and ds[k] != v]
+    conflicts = [
+        f"{k}={ds[k]!r} (run config gives {v!r})" for k, v in wanted.items() if k in ds and ds[k] != v
+    ]
     precision = resolve_precision(cfg)
     for key in ("bf16", "fp16"):
         enabled = ds.get(key, {}).get("enabled", False)
@@ -61,8 +67,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if key in ds:
             conflicts.append(f"{key} block (optim.* and schedule.* configure it; remove it from the file)")
     if conflicts:
-        raise ConfigError(f"deepspeed.config={cfg.deepspeed.config!r} ({path}) disagrees with the run config: "
-                          + "; ".join(conflicts))
+        raise ConfigError(
+            f"deepspeed.config={cfg.deepspeed.config!r} ({path}) disagrees with the run config: "
+            + "; ".join(conflicts)
+        )
     ds.update(wanted)
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds.setdefault("steps_per_print", 10**9)
@@ -167,10 +175,24 @@ def build_engine(cfg: Config, world_size: int, load_universal: bool = False) -> 
 
     def schedule(opt):
         def factor(step: int) -> float:
-            return lr_at(step, peak_lr=lr, warmup_steps=cfg.schedule.warmup_steps, total_steps=cfg.train.steps,
-                         min_lr=cfg.optim.min_lr) / lr
+            return (
+                lr_at(
+                    step,
+                    peak_lr=lr,
+                    warmup_steps=cfg.schedule.warmup_steps,
+                    total_steps=cfg.train.steps,
+                    min_lr=cfg.optim.min_lr,
+                )
+                / lr
+            )
+
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
-    return Built(engine=engine, ds_config=ds, precision="bf16" if ds["bf16"]["enabled"] else "fp32",
-                 peak_lr=lr, clips_per_step=clips_per_step)
+    return Built(
+        engine=engine,
+        ds_config=ds,
+        precision="bf16" if ds["bf16"]["enabled"] else "fp32",
+        peak_lr=lr,
+        clips_per_step=clips_per_step,
+    )

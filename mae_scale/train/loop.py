@@ -35,12 +35,18 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.requested:
-            print(f"[mae-scale] second {signal.Signals(signum).name}: exiting now, without a checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[mae-scale] second {signal.Signals(signum).name}: exiting now, without a checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + signum)  # at once, even inside a collective; the last complete checkpoint stands
         self.requested = True
-        print(f"[mae-scale] {signal.Signals(signum).name}: will checkpoint after this step and exit",
-              file=sys.stderr, flush=True)
+        print(
+            f"[mae-scale] {signal.Signals(signum).name}: will checkpoint after this step and exit",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def restore(self):
         for sig, old in self._old.items():
@@ -62,7 +68,9 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     engine = built.engine
     run_dir = cfg.run_dir
     log = _rank0_print if rank == 0 else (lambda *_: None)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=rank, world_size=world_size, log=log)
+    ckpt = Checkpointer(
+        run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=rank, world_size=world_size, log=log
+    )
     start_step, replay_note = 0, ""
     restored, source = None, ckpt
     if resume is not None and resume != "none" and os.sep in resume:  # a checkpoint folder of another run
@@ -79,33 +87,56 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             old = [s["loader"] for s in state["other_world"]]
             epoch = loader.load_nearest_safe_point(old)
             D.seed_everything(cfg.seed, rank, start_step)  # RNG streams of the old ranks do not map to ours
-            replay_note = (f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
-                           f"{epoch} (what the old run saw of it is replayed, nothing is skipped)")
+            replay_note = (
+                f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
+                f"{epoch} (what the old run saw of it is replayed, nothing is skipped)"
+            )
         else:
             loader.load_state_dict(state["loader"])
             replay_note = "data stream continues exactly"
     dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
     peak, peak_source = device_peak_tflops(built.precision, cfg.log.peak_tflops)
     flops_per_clip = train_step_flops(model_kwargs(cfg), batch_size=1, mask_ratio=cfg.model.mask_ratio)
-    metrics = MetricsLogger(run_dir, cfg.to_dict(), enabled=rank == 0, wandb_mode=cfg.log.wandb,
-                            project=cfg.log.wandb_project, total_steps=cfg.train.steps, start_step=start_step,
-                            resumed=restored is not None)
+    metrics = MetricsLogger(
+        run_dir,
+        cfg.to_dict(),
+        enabled=rank == 0,
+        wandb_mode=cfg.log.wandb,
+        project=cfg.log.wandb_project,
+        total_steps=cfg.train.steps,
+        start_step=start_step,
+        resumed=restored is not None,
+    )
     if restored is not None:
-        metrics.info(f"[mae-scale] resumed from {source.root / restored[0]} at step {start_step}: "
-                     f"{replay_note}")
-    metrics.info(f"[mae-scale] attention={engine.module.attention_backend()} precision={built.precision} "
-                 f"zero_stage={engine.zero_optimization_stage()} ranks={world_size} "
-                 f"clips/step={built.clips_per_step} peak_lr={built.peak_lr:.3g} "
-                 f"peak={peak:.1f} TFLOP/s ({peak_source})")
+        metrics.info(
+            f"[mae-scale] resumed from {source.root / restored[0]} at step {start_step}: {replay_note}"
+        )
+    metrics.info(
+        f"[mae-scale] attention={engine.module.attention_backend()} precision={built.precision} "
+        f"zero_stage={engine.zero_optimization_stage()} ranks={world_size} "
+        f"clips/step={built.clips_per_step} peak_lr={built.peak_lr:.3g} "
+        f"peak={peak:.1f} TFLOP/s ({peak_source})"
+    )
     params_total, params_local = parameter_partition(engine.module)
     weights_l2 = math.sqrt(D.all_reduce_sum([local_sum_of_squares(engine.module)])[0])
-    metrics.log(start_step, {"event": "start", "params_total": params_total,
-                             "params_per_rank": D.all_gather_object(params_local),
-                             "clips_per_step": built.clips_per_step, "grad_accum": cfg.train.grad_accum,
-                             "weights_l2": weights_l2, "zero_stage": engine.zero_optimization_stage(),
-                             "precision": built.precision,
-                             "attention": engine.module.attention_backend(), "world_size": world_size})
-    sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
+    metrics.log(
+        start_step,
+        {
+            "event": "start",
+            "params_total": params_total,
+            "params_per_rank": D.all_gather_object(params_local),
+            "clips_per_step": built.clips_per_step,
+            "grad_accum": cfg.train.grad_accum,
+            "weights_l2": weights_l2,
+            "zero_stage": engine.zero_optimization_stage(),
+            "precision": built.precision,
+            "attention": engine.module.attention_backend(),
+            "world_size": world_size,
+        },
+    )
+    sample_log = (
+        open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
+    )
 
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     stop = StopSignal()
@@ -127,20 +158,35 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             loss, _, _ = engine(clips)
             loss_value = loss.item()  # syncs: needed to agree on skipping a non-finite step before backward
             finite = math.isfinite(loss_value)
-            minutes_due = (cfg.checkpoint.every_minutes > 0 and rank == 0
-                           and time.monotonic() - last_save_time > 60 * cfg.checkpoint.every_minutes)
+            minutes_due = (
+                cfg.checkpoint.every_minutes > 0
+                and rank == 0
+                and time.monotonic() - last_save_time > 60 * cfg.checkpoint.every_minutes
+            )
             loss_sum, nonfinite, stops, time_due = D.all_reduce_sum(
-                [loss_value if finite else 0.0, 0.0 if finite else 1.0, float(stop.requested), float(minutes_due)])
+                [
+                    loss_value if finite else 0.0,
+                    0.0 if finite else 1.0,
+                    float(stop.requested),
+                    float(minutes_due),
+                ]
+            )
             stop.requested = stop.requested or stops > 0
             if sample_log is not None:
-                sample_log.write(json.dumps({"step": step, "keys": batch["keys"], "skipped": nonfinite > 0}) + "\n")
+                sample_log.write(
+                    json.dumps({"step": step, "keys": batch["keys"], "skipped": nonfinite > 0}) + "\n"
+                )
             if nonfinite > 0:  # every rank skips together: no backward, no optimizer step
                 consecutive_nonfinite += 1
                 skipped_total += 1
-                metrics.info(f"[mae-scale] step {step}: non-finite loss on {int(nonfinite)} rank(s); batch skipped")
+                metrics.info(
+                    f"[mae-scale] step {step}: non-finite loss on {int(nonfinite)} rank(s); batch skipped"
+                )
                 if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(f"{consecutive_nonfinite} consecutive non-finite losses at step {step}: "
-                                             "stopping (lower optim.base_lr or check the data)")
+                    raise NonFiniteLossError(
+                        f"{consecutive_nonfinite} consecutive non-finite losses at step {step}: "
+                        "stopping (lower optim.base_lr or check the data)"
+                    )
                 continue
             consecutive_nonfinite = 0
             engine.backward(loss)
@@ -151,27 +197,40 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             step = int(engine.global_steps)
             metrics.advance()
             if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-                metrics.log(step, window.summary(engine, world_size, flops_per_clip, peak, skipped_total,
-                                                 loader.stats()))
+                metrics.log(
+                    step,
+                    window.summary(engine, world_size, flops_per_clip, peak, skipped_total, loader.stats()),
+                )
                 window = _Window()
             due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
             if stop.requested or step == cfg.train.steps or due:
-                path = ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_total},
-                                 config_yaml=config_yaml)
+                path = ckpt.save(
+                    engine,
+                    step,
+                    {"loader": loader.state_dict(), "skipped_steps": skipped_total},
+                    config_yaml=config_yaml,
+                )
                 last_save_time = time.monotonic()
                 metrics.info(f"[mae-scale] checkpoint saved: {path}")
             if stop.requested:
                 stopped_by_signal = True
-                metrics.info(f"[mae-scale] stopped by signal at step {step}; resume with the same command "
-                             f"(checkpoint: {run_dir / 'checkpoints'})")
+                metrics.info(
+                    f"[mae-scale] stopped by signal at step {step}; resume with the same command "
+                    f"(checkpoint: {run_dir / 'checkpoints'})"
+                )
                 break
     finally:
         stop.restore()
         if sample_log is not None:
             sample_log.close()
         metrics.close()
-    return {"step": step, "stopped_by_signal": stopped_by_signal, "skipped_steps": skipped_total,
-            "start_step": start_step, "last_clips": last_clips}
+    return {
+        "step": step,
+        "stopped_by_signal": stopped_by_signal,
+        "skipped_steps": skipped_total,
+        "start_step": start_step,
+        "last_clips": last_clips,
+    }
 
 
 def parameter_partition(model: torch.nn.Module) -> tuple[int, int]:
@@ -210,8 +269,9 @@ class _Window:
         self.data_wait += data_wait
         self.clips += clips
 
-    def summary(self, engine, world_size: int, flops_per_clip: float, peak: float, skipped: int,
-                data_stats: dict) -> dict:
+    def summary(
+        self, engine, world_size: int, flops_per_clip: float, peak: float, skipped: int, data_stats: dict
+    ) -> dict:
         elapsed = max(time.perf_counter() - self.t_start, 1e-9)
         tflops = flops_per_clip * self.clips / elapsed / 1e12  # per device: clips counted on this rank
         grad_norm = engine.get_global_grad_norm()

@@ -62,8 +62,18 @@ def peak_memory_gb() -> float:
 class MetricsLogger:
     """Rank 0 writes; other ranks construct it with enabled=False and every call is a no-op."""
 
-    def __init__(self, run_dir: Path, config: dict, *, enabled: bool, wandb_mode: str, project: str,
-                 total_steps: int, start_step: int, resumed: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        *,
+        enabled: bool,
+        wandb_mode: str,
+        project: str,
+        total_steps: int,
+        start_step: int,
+        resumed: bool,
+    ):
         self.enabled = enabled
         self.wandb = None
         self.bar = None
@@ -75,8 +85,16 @@ class MetricsLogger:
             self.wandb = _start_wandb(run_dir, config, wandb_mode, project, resumed)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0, disable=os.environ.get("MAE_SCALE_NO_BAR") == "1")
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=1.0,
+            disable=os.environ.get("MAE_SCALE_NO_BAR") == "1",
+        )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -86,8 +104,11 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                 lr=f"{metrics.get('lr', 0):.2e}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics.get('loss', float('nan')):.4f}",
+                lr=f"{metrics.get('lr', 0):.2e}",
+                refresh=False,
+            )
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -118,8 +139,16 @@ def _start_wandb(run_dir: Path, config: dict, mode: str, project: str, resumed: 
         import wandb
 
         settings = wandb.Settings(init_timeout=90, silent=True)
-        return wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
-                          id=_wandb_id(run_dir), resume="allow" if resumed else None, settings=settings)
+        return wandb.init(
+            project=project,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            name=run_dir.name,
+            id=_wandb_id(run_dir),
+            resume="allow" if resumed else None,
+            settings=settings,
+        )
     except Exception as e:  # a logging backend must never stop training
         print(f"[mae-scale] wandb disabled: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return None

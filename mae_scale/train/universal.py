@@ -23,8 +23,15 @@ def convert_to_universal(src: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # it prints every step
         ds_to_universal.main(args)
     shutil.rmtree(out, ignore_errors=True)

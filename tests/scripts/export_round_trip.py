@@ -48,5 +48,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 enc = load_file(str(out / "encoder.safetensors"))
 D.shutdown()
-print(json.dumps({"live_loss": live, "exported_loss": exported, "encoder_keys": len(enc),
-                  "decoder_keys_in_encoder_file": sum(k.startswith("decoder") or k == "mask_token" for k in enc)}))
+print(
+    json.dumps(
+        {
+            "live_loss": live,
+            "exported_loss": exported,
+            "encoder_keys": len(enc),
+            "decoder_keys_in_encoder_file": sum(k.startswith("decoder") or k == "mask_token" for k in enc),
+        }
+    )
+)
