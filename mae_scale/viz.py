@@ -93,8 +93,10 @@ def reconstruct(
     )
 
 
-def save_training_reconstruction(cfg, built, clips_uint8: torch.Tensor, *, rank: int) -> Path | None:
-    """At the end of training: every rank runs the forward (ZeRO-3 gathers collectively), rank 0 writes."""
+def save_training_reconstruction(
+    cfg, built, clips_uint8: torch.Tensor, *, rank: int, path: Path | None = None
+) -> Path | None:
+    """Every rank runs the forward (ZeRO-3 gathers collectively), rank 0 writes `path`."""
     from mae_scale.train.engine import model_kwargs
     from mae_scale.train.loop import normalize_clips
 
@@ -105,4 +107,4 @@ def save_training_reconstruction(cfg, built, clips_uint8: torch.Tensor, *, rank:
     )
     if rank != 0:
         return None
-    return save_png(picture, cfg.run_dir / "reconstruction.png")
+    return save_png(picture, path or cfg.run_dir / "reconstruction.png")

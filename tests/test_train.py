@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 import time
 
 import pytest
@@ -36,7 +37,7 @@ METRIC_KEYS = (
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, demo_shards):
     run = tmp_path_factory.mktemp("zero3") / "run"
-    torchrun(BASE + [f"run.dir={run}"])
+    torchrun(BASE + [f"run.dir={run}", "log.image_every_steps=12"])
     return run
 
 
@@ -75,6 +76,10 @@ def test_metrics_jsonl_wandb_offline_and_outputs(zero3_run):
     assert offline_runs, "wandb offline run folder missing"
     assert (zero3_run / "config.yaml").is_file()
     assert (zero3_run / "reconstruction.png").stat().st_size > 1000
+    assert sorted(p.name for p in (zero3_run / "images").iterdir()) == [
+        "step_00000012.png",
+        "step_00000024.png",
+    ]
     assert (zero3_run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
 
@@ -207,3 +212,17 @@ def test_non_finite_losses_are_skipped_counted_then_stop_the_run(tmp_path, demo_
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr
     assert "batch skipped" in proc.stderr
+
+
+def test_zero3_init_gives_the_same_weights_as_a_plain_build(tmp_path):
+    """DeepSpeed #2650: under zero.Init a model-level init sees empty partitions and silently does
+    nothing. We init one gathered module at a time: the weights equal a plain build's, bit for bit."""
+    script = REPO / "tests" / "scripts" / "zero3_init.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["partitioned"] and result["mismatched"] == [] and result["tensors"] > 20
+    assert result["linear_within_xavier_bound"] and result["biases_zero"] and result["layernorm_ones"]
+    assert 0.015 < result["pos_embed_std"] < 0.025

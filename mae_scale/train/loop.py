@@ -117,6 +117,11 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         f"clips/step={built.clips_per_step} peak_lr={built.peak_lr:.3g} "
         f"peak={peak:.1f} TFLOP/s ({peak_source})"
     )
+    if start_step >= cfg.train.steps:
+        metrics.info(
+            f"[mae-scale] {run_dir} is already at train.steps={cfg.train.steps}: nothing to do "
+            "(raise train.steps to train further)"
+        )
     params_total, params_local = parameter_partition(engine.module)
     weights_l2 = math.sqrt(D.all_reduce_sum([local_sum_of_squares(engine.module)])[0])
     metrics.log(
@@ -143,7 +148,8 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     step = start_step
     window = _Window()
     last_save_time = time.monotonic()
-    consecutive_nonfinite = skipped_total = 0
+    consecutive_nonfinite = 0
+    skipped_total = int(restored[1].get("skipped_steps", 0)) if restored is not None else 0
     micro_clips = clips_per_micro_step(cfg)
     it = iter(loader)
     stopped_by_signal = False
@@ -202,6 +208,12 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                     window.summary(engine, world_size, flops_per_clip, peak, skipped_total, loader.stats()),
                 )
                 window = _Window()
+            if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
+                from mae_scale.viz import save_training_reconstruction
+
+                save_training_reconstruction(
+                    cfg, built, batch["clips"], rank=rank, path=run_dir / "images" / f"step_{step:08d}.png"
+                )
             due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
             if stop.requested or step == cfg.train.steps or due:
                 path = ckpt.save(
