@@ -226,3 +226,65 @@ def test_zero3_init_gives_the_same_weights_as_a_plain_build(tmp_path):
     assert result["partitioned"] and result["mismatched"] == [] and result["tensors"] > 20
     assert result["linear_within_xavier_bound"] and result["biases_zero"] and result["layernorm_ones"]
     assert 0.015 < result["pos_embed_std"] < 0.025
+
+
+@pytest.mark.slow
+def test_visualize_and_export_tools_work_on_any_checkpoint(zero3_run, tmp_path):
+    """tools/visualize.py draws a run's checkpoint (or an export); tools/export.py writes the export."""
+    picture = tmp_path / "recon.png"
+    tool = [sys.executable, str(REPO / "tools" / "visualize.py")]
+    proc = subprocess.run(
+        [*tool, str(zero3_run), "--step", "24", "--out", str(picture)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from PIL import Image
+
+    width, height = Image.open(picture).size
+    assert (width, height) == (4 * 64, 4 * 3 * 64)  # pred_t_dim frames x (clips x original/masked/recon)
+    export = tmp_path / "export"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export.py"), str(zero3_run), "--out", str(export)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {p.name for p in export.iterdir()} >= {
+        "mae.safetensors",
+        "encoder.safetensors",
+        "model_config.json",
+        "mae_st.pth",
+    }
+    import torch
+
+    from mae_scale.model.convert import from_mae_st, load_state_dict_strict
+    from mae_scale.model.mae import MaskedAutoencoderViT
+
+    official = torch.load(export / "mae_st.pth", weights_only=True)  # tensors and plain types only
+    kwargs = json.loads((export / "model_config.json").read_text())["model_kwargs"]
+    load_state_dict_strict(MaskedAutoencoderViT(**kwargs), from_mae_st(official))
+    proc = subprocess.run(
+        [*tool, str(export), "--out", str(tmp_path / "from_export.png")],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    missing = subprocess.run(
+        [*tool, str(zero3_run), "--step", "7"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "no usable checkpoint for step 7" in missing.stderr
