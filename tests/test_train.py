@@ -288,3 +288,23 @@ def test_visualize_and_export_tools_work_on_any_checkpoint(zero3_run, tmp_path):
         timeout=300,
     )
     assert missing.returncode == 1 and "no usable checkpoint for step 7" in missing.stderr
+
+
+def test_wandb_online_without_network_or_key_never_stops_training(tmp_path):
+    """No API key and no network: wandb must neither hang the run nor crash it; logging goes on without it."""
+    code = (
+        "import sys; from pathlib import Path; from mae_scale.train.metrics import MetricsLogger\n"
+        f"m = MetricsLogger(Path({str(tmp_path)!r}), {{}}, enabled=True, wandb_mode='online', project='x',"
+        " total_steps=2, start_step=0, resumed=False)\n"
+        "m.log(1, {'loss': 1.0}); m.close(); print('wandb' if m.wandb else 'no-wandb')\n"
+    )
+    env = {k: v for k, v in cpu_env().items() if not k.startswith("WANDB")}
+    env.update(WANDB_DIR=str(tmp_path), HOME=str(tmp_path), MAE_SCALE_NO_BAR="1")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("no-wandb") and "wandb disabled" in proc.stderr
+    assert (tmp_path / "metrics.jsonl").read_text().count('"loss": 1.0') == 1
+    assert time.monotonic() - t0 < 120
