@@ -19,6 +19,8 @@ from mae_scale.train.checkpoint import Checkpointer
 from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
 from mae_scale.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 
+DATA_WAIT_WARNING = 0.3  # share of step time spent waiting for the loader that deserves a warning
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -203,10 +205,16 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             step = int(engine.global_steps)
             metrics.advance()
             if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-                metrics.log(
-                    step,
-                    window.summary(engine, world_size, flops_per_clip, peak, skipped_total, loader.stats()),
+                summary = window.summary(
+                    engine, world_size, flops_per_clip, peak, skipped_total, loader.stats()
                 )
+                metrics.log(step, summary)
+                if summary["data_wait_frac"] > DATA_WAIT_WARNING and step > cfg.log.every_steps:
+                    metrics.info(
+                        f"[mae-scale] step {step}: {summary['data_wait_frac']:.0%} of the time waiting for "
+                        f"data; the loader is the bottleneck (raise data.workers={cfg.data.workers} "
+                        "or data.repeats)"
+                    )
                 window = _Window()
             if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
                 from mae_scale.viz import save_training_reconstruction
