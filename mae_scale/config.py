@@ -24,6 +24,7 @@ MASK_TYPES = ("random", "tube", "frame", "cube")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 MODEL_PRESETS = ("tiny", "vit_b", "vit_l", "vit_h", "vit_g", "vit_2b")
 SHORT_VIDEO_POLICIES = ("stride", "loop", "skip")
+REPEAT_SPANS = ("video", "clip")
 WANDB_MODES = ("offline", "online", "off")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -58,6 +59,7 @@ class DataConfig:
     stride: int = 4  # temporal sampling stride in frames
     size: int = 224  # crop side in pixels
     repeats: int = 4  # clips per decoded video (repeated sampling)
+    repeat_span: str = "video"  # R clips at independent times | "clip": one window decoded once, R crops
     workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 64  # samples in the shuffle buffer per worker
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop relative area
@@ -107,7 +109,7 @@ class LogConfig:
     every_steps: int = 10  # metrics cadence (each log syncs the device)
     wandb: str = "offline"  # offline | online | off
     wandb_project: str = "mae-scale"
-    image_every_steps: int = 0  # reconstruction image cadence (0: only at the end)
+    image_every_steps: int = 0  # also draw RUN/images/step_N.png every N steps (0: only at the end)
     peak_tflops: float = 0.0  # device peak for MFU; 0: datasheet value, or a measured matmul on CPU
     sample_keys: bool = False  # write the sample keys of every step to RUN/samples_rank<r>.jsonl
 
@@ -208,6 +210,7 @@ class Config:
         positive("data.workers", d.workers, zero_ok=True)
         positive("data.shuffle_buffer", d.shuffle_buffer, zero_ok=True)
         choice("data.short_video", d.short_video, SHORT_VIDEO_POLICIES)
+        choice("data.repeat_span", d.repeat_span, REPEAT_SPANS)
         if not 0.0 <= d.max_bad_ratio <= 1.0:
             bad("data.max_bad_ratio", d.max_bad_ratio, "must be in [0, 1]")
         if not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:

@@ -108,11 +108,59 @@ def test_plan_clips_policies():
         plan_clips(7, ClipSpec(num_frames=4, stride=3, short_video="skip"), rng)
 
 
+def test_plan_clips_repeat_span():
+    video = ClipSpec(num_frames=4, stride=3, repeats=4)  # span 10
+    clip = ClipSpec(num_frames=4, stride=3, repeats=4, repeat_span="clip")
+    plans = [plan_clips(100, video, random.Random(s))[0] for s in range(5)]
+    assert any(len({c[0] for c in p}) > 1 for p in plans)  # "video": independent starts
+    for seed in range(5):
+        plan, note = plan_clips(100, clip, random.Random(seed))
+        assert note is None and len(plan) == 4 and all(c == plan[0] for c in plan)
+        assert plan[0] == list(range(plan[0][0], plan[0][0] + 10, 3))
+    plan, note = plan_clips(
+        5,
+        ClipSpec(num_frames=4, stride=3, repeats=3, repeat_span="clip", short_video="loop"),
+        random.Random(0),
+    )
+    assert note == "short_loop" and len(plan) == 3 and all(c == plan[0] for c in plan)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_repeat_span_clip_golden_frames(index_video, read_frame_index, codec):
+    """repeat_span="clip": the R clips show the same frames (golden indices); crops and flips differ."""
+    data = index_video(frames=60, codec=codec, gop=8)
+    full = ClipSpec(
+        num_frames=5,
+        stride=3,
+        size=32,
+        repeats=4,
+        repeat_span="clip",
+        crop_scale=(1.0, 1.0),
+        crop_aspect=(4 / 3, 4 / 3),
+    )
+    rng = random.Random(3)
+    plan, _ = plan_clips(60, full, rng)
+    wanted = sorted({i for c in plan for i in c})
+    assert wanted == plan[0] and wanted[0] > 0  # one window of T frames, decoded once, after a seek
+    clips = make_clips(decode_frames(data, wanted, rgb, LIMITS), plan, full, rng)
+    for clip in clips:  # full-frame crop: the drawn index survives the resize
+        got = [read_frame_index(clip[:, t].numpy()) for t in range(5)]
+        flipped = [read_frame_index(clip[:, t].flip(-1).numpy()) for t in range(5)]
+        assert plan[0] in (got, flipped)
+    cropped = ClipSpec(num_frames=5, stride=3, size=32, repeats=4, repeat_span="clip")
+    rng = random.Random(3)
+    plan, _ = plan_clips(60, cropped, rng)
+    clips = make_clips(decode_frames(data, plan[0], rgb, LIMITS), plan, cropped, rng)
+    assert len({c.numpy().tobytes() for c in clips}) == 4  # R different random resized crops
+
+
 def test_clip_spec_errors_name_the_field():
     with pytest.raises(ValueError, match="stride must be >= 1"):
         ClipSpec(stride=0)
     with pytest.raises(ValueError, match="short_video must be one of"):
         ClipSpec(short_video="pad")
+    with pytest.raises(ValueError, match="repeat_span must be one of"):
+        ClipSpec(repeat_span="window")
 
 
 def test_random_resized_crop_in_bounds():

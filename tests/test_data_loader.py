@@ -118,6 +118,21 @@ def test_fast_forward_decodes_nothing(synthetic_shards, monkeypatch):
     assert len(calls) == 2  # the batch's two videos; the 8 skipped ones were read from the tar, not decoded
 
 
+def test_repeat_span_clip_decodes_one_window_per_video(synthetic_shards, monkeypatch):
+    wanted = []
+    real = stream_module.decode_frames
+    monkeypatch.setattr(
+        stream_module, "decode_frames", lambda d, w, *a: wanted.append(list(w)) or real(d, w, *a)
+    )
+    loader = build_loader(
+        cfg(synthetic_shards, workers=0, repeats=3, repeat_span="clip"), batch_size=2, seed=0
+    )
+    batch = next(iter(loader))
+    assert batch["clips"].shape == (6, 3, 4, 32, 32)
+    assert batch["keys"][:3] == [batch["keys"][0]] * 3
+    assert len(wanted) == 2 and all(w == list(range(w[0], w[0] + 7, 2)) for w in wanted)  # T frames each
+
+
 def test_state_is_json_and_mismatches_are_named(synthetic_shards):
     import json
 

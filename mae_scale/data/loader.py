@@ -113,18 +113,24 @@ class ClipLoader:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
         )
-        for batch in loader:
-            worker = batch.pop("_worker")
-            if worker != self._next:
-                raise RuntimeError(
-                    f"batch from worker {worker} where worker {self._next} was due: order is lost"
-                )
-            epoch, consumed = batch.pop("_position")
-            self._positions[worker] = (int(epoch), int(consumed))
-            self._next = (worker + 1) % self.spec.workers
-            self._totals.add(batch.pop("_stats"))
-            self._check_bad_ratio()
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                worker = batch.pop("_worker")
+                if worker != self._next:
+                    raise RuntimeError(
+                        f"batch from worker {worker} where worker {self._next} was due: order is lost"
+                    )
+                epoch, consumed = batch.pop("_position")
+                self._positions[worker] = (int(epoch), int(consumed))
+                self._next = (worker + 1) % self.spec.workers
+                self._totals.add(batch.pop("_stats"))
+                self._check_bad_ratio()
+                yield batch
+        finally:  # an error, or a consumer that stops early: end the workers now, not at exit
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _check_bad_ratio(self) -> None:
         t = self._totals
@@ -227,12 +233,22 @@ class ClipLoader:
         return epoch
 
 
+WORKER_STOP_GRACE_S = 20  # a worker outlives a SIGTERM this long, so the trainer can finish its step
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     """Ctrl-C, or a scheduler's SIGTERM to every process of the job, must reach the trainer (which
-    finishes the step, checkpoints and exits 0), not kill the workers and turn a clean stop into a
-    crash. Workers still end when the trainer exits (DataLoader's watchdog)."""
+    finishes the step, checkpoints and exits 0), not kill the workers first and turn a clean stop into
+    a crash. SIGINT is ignored; SIGTERM ends the worker after a grace period (SIGALRM), so that
+    `Process.terminate()` still works; a second SIGTERM ends it at once. Workers also end when the
+    trainer exits (DataLoader's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _sigterm_after_grace)
+
+
+def _sigterm_after_grace(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.alarm(WORKER_STOP_GRACE_S)  # SIGALRM's default action ends the process
 
 
 def build_loader(
@@ -281,6 +297,7 @@ def build_loader(
             tuple(data_cfg.crop_aspect),
             data_cfg.flip,
             data_cfg.short_video,
+            data_cfg.repeat_span,
         )
     except ValueError as exc:
         errors.append(str(exc))

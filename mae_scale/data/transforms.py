@@ -1,11 +1,13 @@
 """Clip sampling and spatial augmentation, as pure functions of a seeded `random.Random`.
 
-A video yields R clips ("repeated sampling", MAE-ST): R independent temporal starts, each clip T
-frames at a stride, each with its own random resized crop and flip. Pixels stay uint8 `(C, T, H, W)`:
-normalization happens on the accelerator, which moves 4x fewer bytes to the device. Clips are laid
-out in memory as (T, H, W, C) (`torch.channels_last_3d`): that is how the resize produces them, so
-no transposing copy is made on the host (measured: it cost as much as the resize itself at 224 px);
-use `.reshape`/einops rather than `.view` on them, or `.contiguous()` on the device.
+A video yields R clips ("repeated sampling", MAE-ST): R independent temporal starts (`repeat_span`
+"video", as mae_st) or one start shared by all R ("clip": one window is decoded for R clips, so
+the decode cost is paid once), each clip T frames at a stride, each with its own random resized
+crop and flip. Pixels stay uint8 `(C, T, H, W)`: normalization happens on the accelerator, which
+moves 4x fewer bytes to the device. Clips are laid out in memory as (T, H, W, C)
+(`torch.channels_last_3d`): that is how the resize produces them, so no transposing copy is made on
+the host (measured: it cost as much as the resize itself at 224 px); use `.reshape`/einops rather
+than `.view` on them, or `.contiguous()` on the device.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from einops import rearrange
 from mae_scale.data.decode import BadVideo
 
 SHORT_VIDEO_POLICIES = ("stride", "loop", "skip")
+REPEAT_SPANS = ("video", "clip")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class ClipSpec:
     crop_aspect: tuple[float, float] = (0.75, 1.3333)  # aspect ratio range (w / h)
     flip: bool = True
     short_video: str = "stride"  # fewer frames than a clip needs: smaller stride | loop | skip
+    repeat_span: str = "video"  # R clips at independent times | "clip": R crops of one decoded window
 
     def __post_init__(self):
         errors = [
@@ -50,6 +54,8 @@ class ClipSpec:
             errors.append(f"crop_aspect must satisfy 0 < lo <= hi, got {self.crop_aspect}")
         if self.short_video not in SHORT_VIDEO_POLICIES:
             errors.append(f"short_video must be one of {SHORT_VIDEO_POLICIES}, got {self.short_video!r}")
+        if self.repeat_span not in REPEAT_SPANS:
+            errors.append(f"repeat_span must be one of {REPEAT_SPANS}, got {self.repeat_span!r}")
         if errors:
             raise ValueError("bad clip settings (data.*): " + "; ".join(errors))
 
@@ -66,13 +72,15 @@ def plan_clips(
 
     A video shorter than one clip is handled by `spec.short_video`: `stride` takes the largest
     stride that fits (and gives up when even stride 1 does not), `loop` wraps indices around the
-    end, `skip` rejects the video. Rejections raise `BadVideo("too_few_frames")`.
+    end, `skip` rejects the video. Rejections raise `BadVideo("too_few_frames")`. With
+    `repeat_span="clip"` one start is drawn and all R clips share its frames.
     """
     n, t = num_video_frames, spec.num_frames
+    draws = spec.repeats if spec.repeat_span == "video" else 1
     stride, note = spec.stride, None
     if n < spec.span:
         if spec.short_video == "loop":
-            starts = [rng.randrange(n) for _ in range(spec.repeats)]
+            starts = [rng.randrange(n) for _ in range(draws)] * (spec.repeats // draws)
             return [[(s + i * stride) % n for i in range(t)] for s in starts], "short_loop"
         if spec.short_video == "skip" or n < t:
             raise BadVideo(
@@ -80,7 +88,7 @@ def plan_clips(
             )
         stride, note = (n - 1) // (t - 1), "short_stride"
     span = (t - 1) * stride + 1
-    starts = [rng.randint(0, n - span) for _ in range(spec.repeats)]
+    starts = [rng.randint(0, n - span) for _ in range(draws)] * (spec.repeats // draws)
     return [list(range(s, s + span, stride)) for s in starts], note
 
 

@@ -147,6 +147,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
 
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     stop = StopSignal()
+    stop_agreed = False
     step = start_step
     window = _Window()
     last_save_time = time.monotonic()
@@ -179,7 +180,9 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                     float(minutes_due),
                 ]
             )
-            stop.requested = stop.requested or stops > 0
+            # Decide only on the agreed value: a signal landing on one rank after this all-reduce must
+            # wait for the next one, or that rank would checkpoint while the others train on (a hang).
+            stop_agreed = stop_agreed or stops > 0
             if sample_log is not None:
                 sample_log.write(
                     json.dumps({"step": step, "keys": batch["keys"], "skipped": nonfinite > 0}) + "\n"
@@ -223,7 +226,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                     cfg, built, batch["clips"], rank=rank, path=run_dir / "images" / f"step_{step:08d}.png"
                 )
             due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
-            if stop.requested or step == cfg.train.steps or due:
+            if stop_agreed or step == cfg.train.steps or due:
                 path = ckpt.save(
                     engine,
                     step,
@@ -232,7 +235,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                 )
                 last_save_time = time.monotonic()
                 metrics.info(f"[mae-scale] checkpoint saved: {path}")
-            if stop.requested:
+            if stop_agreed:
                 stopped_by_signal = True
                 metrics.info(
                     f"[mae-scale] stopped by signal at step {step}; resume with the same command "
