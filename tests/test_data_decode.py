@@ -219,3 +219,37 @@ def test_decodes_only_near_the_wanted_frames(index_video, read_frame_index, monk
     got = [read_frame_index(f) for f in decode_frames(data, [100, 104, 190], rgb, LIMITS)]
     assert got == [100, 104, 190]
     assert len(decoded) < 30, decoded  # two seeks; not the 191 frames of a decode from the start
+
+
+def test_converter_inherited_by_a_forked_worker_can_be_freed(index_video):
+    """PAINS: DataLoader hangs after fork. The parent converts frames (workers=0, tools), then forks
+    DataLoader workers; a child that frees the inherited RGB scaler must not wait forever for scaler
+    threads that did not survive the fork (seen as a CI hang)."""
+    import gc
+    import io
+    import os
+    import time
+
+    import av
+
+    from mae_scale.data.decode import RGBConverter
+
+    convert = RGBConverter()
+    with av.open(io.BytesIO(index_video(frames=8))) as container:
+        for frame in container.decode(video=0):
+            convert(frame)
+    pid = os.fork()
+    if pid == 0:  # the child: free it, leave at once
+        del convert
+        gc.collect()
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("a forked child hung freeing an inherited RGB converter")

@@ -240,3 +240,17 @@ def test_export_round_trip(tmp_path, demo_shards):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["live_loss"] == result["exported_loss"]
     assert result["encoder_keys"] > 0 and result["decoder_keys_in_encoder_file"] == 0
+
+
+def test_resume_none_refuses_an_existing_run_unless_overwrite(one_rank_run, tmp_path):
+    run = tmp_path / "existing"
+    shutil.copytree(one_rank_run, run)
+    proc = pretrain(COMMON + [f"run.dir={run}", "train.steps=2", "--resume", "none"], check=False)
+    assert proc.returncode == 2 and "already holds checkpoints; pass --overwrite" in proc.stderr
+    assert (run / "checkpoints" / "step_00000008").is_dir()  # nothing was touched
+    proc = pretrain(
+        COMMON
+        + [f"run.dir={run}", "train.steps=2", "checkpoint.every_steps=0", "--resume", "none", "--overwrite"]
+    )
+    assert "resumed from" not in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002"]

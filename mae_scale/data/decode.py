@@ -80,7 +80,10 @@ class RGBConverter:
         self._scalers[geometry] = scaler  # most recently used last
         if len(self._scalers) > self.max_scalers:
             del self._scalers[next(iter(self._scalers))]
-        return scaler.reformat(frame, format="rgb24").to_ndarray()
+        # threads=1: a threaded scaler's threads do not survive fork(), and a forked DataLoader worker
+        # that frees an inherited one waits for them forever (pthread_cond_destroy); one worker is one
+        # core anyway.
+        return scaler.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
 def frame_index(pts: int, start: int, scale: Fraction) -> int:
