@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, step_losses, torchrun
+from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, run, step_losses, torchrun
 
 STEPS = 24
 BASE = [
@@ -233,29 +233,14 @@ def test_visualize_and_export_tools_work_on_any_checkpoint(zero3_run, tmp_path):
     """tools/visualize.py draws a run's checkpoint (or an export); tools/export.py writes the export."""
     picture = tmp_path / "recon.png"
     tool = [sys.executable, str(REPO / "tools" / "visualize.py")]
-    proc = subprocess.run(
-        [*tool, str(zero3_run), "--step", "24", "--out", str(picture)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run([*tool, str(zero3_run), "--step", "24", "--out", str(picture)], timeout=300, env=None, check=True)
     from PIL import Image
 
     width, height = Image.open(picture).size
     assert (width, height) == (4 * 64, 4 * 3 * 64)  # pred_t_dim frames x (clips x original/masked/recon)
     export = tmp_path / "export"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "export.py"), str(zero3_run), "--out", str(export)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    export_tool = [sys.executable, str(REPO / "tools" / "export.py")]
+    run([*export_tool, str(zero3_run), "--out", str(export)], timeout=300, env=None, check=True)
     assert {p.name for p in export.iterdir()} >= {
         "mae.safetensors",
         "encoder.safetensors",
@@ -270,23 +255,8 @@ def test_visualize_and_export_tools_work_on_any_checkpoint(zero3_run, tmp_path):
     official = torch.load(export / "mae_st.pth", weights_only=True)  # tensors and plain types only
     kwargs = json.loads((export / "model_config.json").read_text())["model_kwargs"]
     load_state_dict_strict(MaskedAutoencoderViT(**kwargs), from_mae_st(official))
-    proc = subprocess.run(
-        [*tool, str(export), "--out", str(tmp_path / "from_export.png")],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    missing = subprocess.run(
-        [*tool, str(zero3_run), "--step", "7"],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run([*tool, str(export), "--out", str(tmp_path / "from_export.png")], timeout=300, env=None, check=True)
+    missing = run([*tool, str(zero3_run), "--step", "7"], timeout=300, env=None, check=False)
     assert missing.returncode == 1 and "no usable checkpoint for step 7" in missing.stderr
 
 
