@@ -80,13 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resumes_from_other_world(cfg: Config, resume: str | None, world: int) -> bool:
-    from mae_scale.train.checkpoint import Checkpointer
+    from mae_scale.train.checkpoint import Checkpointer, resume_source
 
     if resume == "none":
         return False
-    root, tag = cfg.run_dir / "checkpoints", resume
-    if resume is not None and os.sep in resume:
-        root, tag = Path(resume).parent, Path(resume).name
+    root, tag = resume_source(cfg.run_dir / "checkpoints", resume)
     found = Checkpointer(root, keep=1, rank=0, world_size=world).peek(tag)
     return found is not None and found[1] != world
 

@@ -86,6 +86,14 @@ def _np_rng_from_tensors(d: dict) -> tuple:
     return d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"]
 
 
+def resume_source(checkpoints: Path, resume: str | None) -> tuple[Path, str | None]:
+    """(checkpoints folder, tag) that `--resume` names: a path is another run's checkpoint folder;
+    a tag (or None: the newest usable) is one of `checkpoints`."""
+    if resume is not None and os.sep in resume:
+        return Path(resume).parent, Path(resume).name
+    return Path(checkpoints), resume
+
+
 class Checkpointer:
     """Saves and restores a run. Every call is collective: every rank calls it at the same step."""
 

@@ -8,14 +8,13 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 import yaml
 
 from mae_scale.config import Config
 from mae_scale.train import dist as D
-from mae_scale.train.checkpoint import Checkpointer
+from mae_scale.train.checkpoint import Checkpointer, resume_source
 from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
 from mae_scale.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 
@@ -75,13 +74,13 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     )
     start_step, replay_note = 0, ""
     restored, source = None, ckpt
-    if resume is not None and resume != "none" and os.sep in resume:  # a checkpoint folder of another run
-        source = Checkpointer(Path(resume).parent, keep=1, rank=rank, world_size=world_size, log=log)
-        restored = source.load(engine, Path(resume).name)
-        if restored is None:
+    if resume != "none":
+        root, tag = resume_source(ckpt.root, resume)
+        if root != ckpt.root:  # a checkpoint folder of another run
+            source = Checkpointer(root, keep=1, rank=rank, world_size=world_size, log=log)
+        restored = source.load(engine, tag)
+        if restored is None and source is not ckpt:
             raise FileNotFoundError(f"--resume {resume}: checkpoint not usable (see the messages above)")
-    elif resume != "none":
-        restored = ckpt.load(engine, resume)
     if restored is not None:
         tag, state = restored
         start_step = int(engine.global_steps)
@@ -314,7 +313,3 @@ class _Window:
 
 def _rank0_print(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def save_run_config(cfg: Config, path: Path) -> None:
-    cfg.save(path)
