@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -57,8 +56,8 @@ def _weights(run, step):
     return sd
 
 
-def _launch_torchrun(args):
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mae_scale.pretrain", *args]
+def _launch_torchrun(args, entry=("-m", "mae_scale.pretrain")):
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *entry, *args]
     return subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -68,6 +67,24 @@ def _launch_torchrun(args):
         text=True,
         start_new_session=True,
     )
+
+
+def _kill_job(proc) -> None:
+    """SIGKILL the launcher, its ranks and their DataLoader workers, as a node failure would.
+
+    torchrun starts each rank in its own session, so killing the launcher's process group would
+    leave the ranks running (and training on) behind the test's back.
+    """
+    launcher = psutil.Process(proc.pid)
+    everyone = [launcher, *launcher.children(recursive=True)]
+    for p in everyone:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(everyone, timeout=30)
+    assert not alive, f"still running after SIGKILL: {alive}"
+    proc.wait()
 
 
 def _wait_for(predicate, proc, timeout=240):
@@ -101,13 +118,17 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, tmp_path):
     proc = _launch_torchrun(args)
     latest = run / "checkpoints" / "latest"
     _wait_for(lambda: latest.exists(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
-    proc.wait()
+    _kill_job(proc)  # the launcher, both ranks and their workers: no chance to clean up
     killed_at = max(_losses_last_write_wins(run))
     assert killed_at < 2 * N, "the run finished before the kill: the test did not interrupt it"
     assert latest.read_text() == f"step_{N:08d}"
 
     torchrun(args)  # same command: --resume auto
+    _assert_same_as_straight(run, straight_run)
+
+
+def _assert_same_as_straight(run, straight_run):
+    """Same losses (bit for bit), the same sample keys at every step and the same final weights."""
     straight, resumed = _losses_last_write_wins(straight_run), _losses_last_write_wins(run)
     assert sorted(resumed) == sorted(straight) == list(range(1, 2 * N + 1))
     assert [resumed[s] for s in sorted(resumed)] == [straight[s] for s in sorted(straight)]  # bit for bit
@@ -115,6 +136,33 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, tmp_path):
         assert _samples(run, rank) == _samples(straight_run, rank)
     a, b = _weights(straight_run, 2 * N), _weights(run, 2 * N)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_save_then_resume_is_bit_exact(straight_run, tmp_path):
+    """PAINS: a kill during save leaves a torn checkpoint. `latest` still names the previous one, the
+    resumed run replaces the torn folder, and the result equals a run that never stopped."""
+    run, marker, torn = tmp_path / "torn", tmp_path / "saving", f"step_{N:08d}"
+    args = COMMON + [
+        f"run.dir={run}",
+        f"train.steps={2 * N}",
+        f"checkpoint.every_steps={N // 2}",
+        "checkpoint.keep=2",
+        "log.sample_keys=true",
+    ]
+    script = REPO / "tests" / "scripts" / "slow_save_pretrain.py"
+    proc = _launch_torchrun(args, entry=(str(script), torn, str(marker)))
+    _wait_for(marker.exists, proc)  # one rank has written a file of step N's checkpoint and stalls
+    _kill_job(proc)
+    ckpt = run / "checkpoints"
+    assert (ckpt / torn).is_dir() and not (ckpt / torn / "complete.json").exists(), "not torn: no test"
+    assert (ckpt / "latest").read_text() == f"step_{N // 2:08d}"
+
+    proc = torchrun(args)  # the plain command, --resume auto
+    assert f"resumed from {ckpt / f'step_{N // 2:08d}'}" in proc.stderr + proc.stdout
+    kept = sorted(p.name for p in ckpt.glob("step_*"))  # the torn folder was replaced, then rotated
+    assert kept == [f"step_{s:08d}" for s in (3 * N // 2, 2 * N)]
+    assert all((ckpt / tag / "complete.json").is_file() for tag in kept)
+    _assert_same_as_straight(run, straight_run)
 
 
 def test_sigterm_checkpoints_then_resumes(tmp_path, demo_shards):

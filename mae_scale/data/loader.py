@@ -21,11 +21,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from mae_scale.data.decode import VideoLimits
 from mae_scale.data.shards import MAX_MEMBER_BYTES, read_manifest
-from mae_scale.data.stream import BadDataError, ClipStream, ShardRef, StreamSpec
+from mae_scale.data.stream import BadDataError, ClipStream, ShardRef, StreamSpec, stable_seed
 from mae_scale.data.transforms import ClipSpec
 
 __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
@@ -110,8 +111,17 @@ class ClipLoader:
             )
         if self.num_workers > 0:
             extra["worker_init_fn"] = _ignore_stop_signals
+        # Our own generator: without one, iter() draws the workers' base seed from the global torch RNG,
+        # so the masks drawn after it would depend on when the loader (re)started. The stream itself is
+        # seeded per sample and does not use the workers' seeds.
+        generator = torch.Generator().manual_seed(stable_seed(self.spec.seed, "loader", self.spec.rank))
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
+            **extra,
         )
         batches = iter(loader)
         try:

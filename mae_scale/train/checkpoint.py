@@ -234,7 +234,8 @@ class Checkpointer:
         mine = path / f"rank_{self.rank:05d}.json"
         if same_world:
             state = json.loads(mine.read_text())
-            set_rng_state(torch.load(path / f"rank_{self.rank:05d}_rng.pt", weights_only=True))
+            # applied by the caller just before the first step: startup work draws random numbers too
+            state["rng"] = torch.load(path / f"rank_{self.rank:05d}_rng.pt", weights_only=True)
         else:  # different world size: every old rank's state, for the loader to find a safe point
             state = {
                 "step": info["step"],

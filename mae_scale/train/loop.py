@@ -14,7 +14,7 @@ import yaml
 
 from mae_scale.config import Config
 from mae_scale.train import dist as D
-from mae_scale.train.checkpoint import Checkpointer, resume_source
+from mae_scale.train.checkpoint import Checkpointer, resume_source, set_rng_state
 from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
 from mae_scale.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 
@@ -87,7 +87,6 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         if "other_world" in state:  # another world size: the stream restarts at an epoch boundary
             old = [s["loader"] for s in state["other_world"]]
             epoch = loader.load_nearest_safe_point(old)
-            D.seed_everything(cfg.seed, rank, start_step)  # RNG streams of the old ranks do not map to ours
             replay_note = (
                 f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
                 f"{epoch} (what the old run saw of it is replayed, nothing is skipped)"
@@ -154,6 +153,12 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     skipped_total = int(restored[1].get("skipped_steps", 0)) if restored is not None else 0
     micro_clips = clips_per_micro_step(cfg)
     it = iter(loader)
+    # The RNG streams last, right before the first step: everything above (the peak-FLOP/s probe, the
+    # loader's start) may draw random numbers, and a resumed run must draw exactly what the straight one did.
+    if restored is not None and "rng" in restored[1]:
+        set_rng_state(restored[1]["rng"])
+    elif restored is not None:  # another world size: the old ranks' streams do not map to ours
+        D.seed_everything(cfg.seed, rank, start_step)
     stopped_by_signal = False
     last_clips = None
     try:
