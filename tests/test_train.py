@@ -278,3 +278,28 @@ def test_wandb_online_without_network_or_key_never_stops_training(tmp_path):
     assert proc.stdout.strip().endswith("no-wandb") and "wandb disabled" in proc.stderr
     assert (tmp_path / "metrics.jsonl").read_text().count('"loss": 1.0') == 1
     assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.slow
+def test_slow_data_source_is_reported(tmp_path, demo_shards):
+    """PAINS: the accelerator waits on the data and nobody sees it. Shards behind a slow `pipe:`
+    (an object store answering in 0.5 s) make the loader the bottleneck: the metrics show it and a
+    warning names the setting to change."""
+    run = tmp_path / "slow"
+    slow = f"pipe:sleep 0.5; cat {demo_shards / 'manifest.json'}"  # every shard goes through the same command
+    proc = pretrain(
+        [
+            "--config",
+            "demo",
+            f"run.dir={run}",
+            f"data.shards={slow}",
+            "train.steps=6",
+            "log.every_steps=2",
+            "log.wandb=off",
+            "checkpoint.every_steps=0",
+            "data.workers=1",
+        ]
+    )
+    waits = [m["data_wait_frac"] for m in metrics(run) if "loss" in m]
+    assert len(waits) == 3 and min(waits[1:]) > 0.5, waits
+    assert "of the time waiting for data; the loader is the bottleneck (raise data.workers=1" in proc.stderr
