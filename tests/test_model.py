@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_scale.model import attention as attn_mod
+from mae_scale.model.blocks import Attention, Block
 from mae_scale.model.checkpointing import apply_activation_checkpointing, is_checkpointed
 from mae_scale.model.flops import count_params, forward_flops, train_step_flops
 from mae_scale.model.mae import MaskedAutoencoderViT, init_module_
@@ -213,17 +214,38 @@ def test_model_unpatchify_uses_its_grid():
 # --- attention kernels and checkpointing ---------------------------------------------------------
 
 
-def test_sdpa_matches_math_attention():
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    """Counts of the math and SDPA attention kernels actually run from now on."""
+    calls = {"math": 0, "sdpa": 0}
+    real = {"math": attn_mod.math_attention, "sdpa": attn_mod.F.scaled_dot_product_attention}
+
+    def counted(kind):
+        def kernel(*args, **kwargs):
+            calls[kind] += 1
+            return real[kind](*args, **kwargs)
+
+        return kernel
+
+    monkeypatch.setattr(attn_mod, "math_attention", counted("math"))
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", counted("sdpa"))
+    return calls
+
+
+def test_sdpa_matches_math_attention(monkeypatch):
     """Same weights and mask: the kernels agree to 1e-5 (fp32 rounding of different summation orders)."""
     model = tiny(attention="sdpa")
+    blocks = len(model.blocks) + len(model.decoder_blocks)
+    calls = count_kernel_calls(monkeypatch)
     imgs, noise = clips(), torch.rand(2, 64)
     loss_s, pred_s, _ = model(imgs, noise=noise)
     loss_s.backward()
+    assert calls == {"math": 0, "sdpa": blocks}
     grads_s = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.set_attention("math")
     loss_m, pred_m, _ = model(imgs, noise=noise)
     loss_m.backward()
+    assert calls == {"math": blocks, "sdpa": blocks}  # the switch took effect in every block
     torch.testing.assert_close(pred_m, pred_s, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_m, loss_s, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
@@ -254,13 +276,14 @@ def test_xformers_matches_sdpa_on_cuda():
     assert model.attention_backend() == "xformers"
     loss_x, pred_x, _ = model(imgs, noise=noise)
     model.set_attention("sdpa")
+    assert all(m.backend == "sdpa" for m in model.modules() if isinstance(m, Attention))
     loss_s, pred_s, _ = model(imgs, noise=noise)
     torch.testing.assert_close(pred_x, pred_s, atol=1e-3, rtol=1e-3)  # TF32 and kernel differences
     torch.testing.assert_close(loss_x, loss_s, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("every", [1, 2])
-def test_activation_checkpointing_same_loss_and_grads(every):
+def test_activation_checkpointing_same_loss_and_grads(every, monkeypatch):
     model = tiny(depth=3, decoder_depth=2)
     imgs, noise = clips(), torch.rand(2, 64)
     keys = list(model.state_dict())
@@ -274,8 +297,13 @@ def test_activation_checkpointing_same_loss_and_grads(every):
                 2: ["blocks.0", "blocks.2", "decoder_blocks.0"]}[every]  # fmt: skip
     assert chosen == expected
     assert list(model.state_dict()) == keys  # names unchanged: checkpoints load either way
+    runs = []  # block forwards: a checkpointed block runs again in backward, to recompute
+    block_forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a: runs.append(1) or block_forward(self, *a))
     loss_c, _, _ = model(imgs, noise=noise)
     loss_c.backward()
+    assert len(runs) == 5 + len(chosen)
+    monkeypatch.undo()
     assert torch.equal(loss_c, loss)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-7, rtol=1e-6, msg=n)

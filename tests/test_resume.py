@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -56,9 +57,11 @@ def _weights(run, step):
     return sd
 
 
-def _launch_torchrun(args, entry=("-m", "mae_scale.pretrain")):
+@contextlib.contextmanager
+def _torchrun_job(args, entry=("-m", "mae_scale.pretrain")):
+    """A 2-rank job in the background; whatever happens in the test, nothing of it outlives the block."""
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *entry, *args]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd,
         cwd=REPO,
         env=cpu_env(),
@@ -67,6 +70,11 @@ def _launch_torchrun(args, entry=("-m", "mae_scale.pretrain")):
         text=True,
         start_new_session=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc)
 
 
 def _kill_job(proc) -> None:
@@ -75,8 +83,11 @@ def _kill_job(proc) -> None:
     torchrun starts each rank in its own session, so killing the launcher's process group would
     leave the ranks running (and training on) behind the test's back.
     """
-    launcher = psutil.Process(proc.pid)
-    everyone = [launcher, *launcher.children(recursive=True)]
+    try:
+        launcher = psutil.Process(proc.pid)
+        everyone = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:  # the launcher is gone; its ranks, if any, cannot be found from it
+        everyone = []
     for p in everyone:
         try:
             p.kill()
@@ -115,10 +126,10 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, tmp_path):
         f"checkpoint.every_steps={N}",
         "log.sample_keys=true",
     ]
-    proc = _launch_torchrun(args)
     latest = run / "checkpoints" / "latest"
-    _wait_for(lambda: latest.exists(), proc)
-    _kill_job(proc)  # the launcher, both ranks and their workers: no chance to clean up
+    with _torchrun_job(args) as proc:
+        _wait_for(lambda: latest.exists(), proc)
+        _kill_job(proc)  # the launcher, both ranks and their workers: no chance to clean up
     killed_at = max(_losses_last_write_wins(run))
     assert killed_at < 2 * N, "the run finished before the kill: the test did not interrupt it"
     assert latest.read_text() == f"step_{N:08d}"
@@ -133,6 +144,7 @@ def _assert_same_as_straight(run, straight_run):
     assert sorted(resumed) == sorted(straight) == list(range(1, 2 * N + 1))
     assert [resumed[s] for s in sorted(resumed)] == [straight[s] for s in sorted(straight)]  # bit for bit
     for rank in (0, 1):  # the same samples at every step: nothing repeated, nothing skipped
+        assert len(_samples(straight_run, rank)) == 2 * N
         assert _samples(run, rank) == _samples(straight_run, rank)
     a, b = _weights(straight_run, 2 * N), _weights(run, 2 * N)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -146,38 +158,40 @@ def test_sigkill_during_save_then_resume_is_bit_exact(straight_run, tmp_path):
         f"run.dir={run}",
         f"train.steps={2 * N}",
         f"checkpoint.every_steps={N // 2}",
-        "checkpoint.keep=2",
+        "checkpoint.keep=3",
         "log.sample_keys=true",
     ]
     script = REPO / "tests" / "scripts" / "slow_save_pretrain.py"
-    proc = _launch_torchrun(args, entry=(str(script), torn, str(marker)))
-    _wait_for(marker.exists, proc)  # one rank has written a file of step N's checkpoint and stalls
-    _kill_job(proc)
+    with _torchrun_job(args, entry=(str(script), torn, str(marker))) as proc:
+        _wait_for(marker.exists, proc)  # one rank has written a file of step N's checkpoint and stalls
+        _kill_job(proc)
     ckpt = run / "checkpoints"
     assert (ckpt / torn).is_dir() and not (ckpt / torn / "complete.json").exists(), "not torn: no test"
     assert (ckpt / "latest").read_text() == f"step_{N // 2:08d}"
+    (ckpt / torn / "left_by_the_torn_save").touch()
 
     proc = torchrun(args)  # the plain command, --resume auto
     assert f"resumed from {ckpt / f'step_{N // 2:08d}'}" in proc.stderr + proc.stdout
-    kept = sorted(p.name for p in ckpt.glob("step_*"))  # the torn folder was replaced, then rotated
-    assert kept == [f"step_{s:08d}" for s in (3 * N // 2, 2 * N)]
+    kept = sorted(p.name for p in ckpt.glob("step_*"))
+    assert kept == [f"step_{s:08d}" for s in (N, 3 * N // 2, 2 * N)]
     assert all((ckpt / tag / "complete.json").is_file() for tag in kept)
+    assert not (ckpt / torn / "left_by_the_torn_save").exists()  # saved afresh, not over the torn files
     _assert_same_as_straight(run, straight_run)
 
 
 def test_sigterm_checkpoints_then_resumes(tmp_path, demo_shards):
     run = tmp_path / "term"
-    proc = _launch_torchrun(COMMON + [f"run.dir={run}", "train.steps=10000", "checkpoint.every_steps=0"])
-    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses_last_write_wins(run)) >= 3, proc)
-    launcher = psutil.Process(proc.pid)
-    ranks = launcher.children()
-    workers = [w for r in ranks for w in r.children(recursive=True)]
-    assert len(ranks) == 2 and workers, "expected 2 ranks with DataLoader workers"
-    # Every DataLoader worker and ONE rank get SIGTERM (as when one node's scheduler stops first): all
-    # ranks must agree to checkpoint at the same step, and the workers must not die before that.
-    for p in [ranks[1], *workers]:
-        p.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    with _torchrun_job(COMMON + [f"run.dir={run}", "train.steps=10000", "checkpoint.every_steps=0"]) as proc:
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses_last_write_wins(run)) >= 3, proc)
+        launcher = psutil.Process(proc.pid)
+        ranks = launcher.children()
+        workers = [w for r in ranks for w in r.children(recursive=True)]
+        assert len(ranks) == 2 and workers, "expected 2 ranks with DataLoader workers"
+        # Every DataLoader worker and ONE rank get SIGTERM (as when one node's scheduler stops first):
+        # all ranks must agree to checkpoint at the same step, and the workers must not die before that.
+        for p in [ranks[1], *workers]:
+            p.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-4000:]
     assert "stopped by signal at step" in out
     tag = (run / "checkpoints" / "latest").read_text()
@@ -268,7 +282,7 @@ def test_resume_two_ranks_on_one_rank(tmp_path, demo_shards):
     starts = [m for m in metrics(run) if m.get("event") == "start"]
     assert starts[-1]["world_size"] == 1 and starts[-1]["step"] == 6
     assert starts[-1]["weights_l2"] == pytest.approx(expected_l2, rel=1e-6)
-    assert "data stream" in proc.stderr  # the log says what was replayed
+    assert "world size 2 -> 1: data stream restarts at the start of epoch" in proc.stderr
     losses = _losses_last_write_wins(run)
     assert sorted(losses)[-3:] == [7, 8, 9] and all(math.isfinite(losses[s]) for s in (7, 8, 9))
 

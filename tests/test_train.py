@@ -11,6 +11,8 @@ import time
 import pytest
 from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, run, step_losses, torchrun
 
+from mae_scale.model.presets import ARCHS
+
 STEPS = 24
 BASE = [
     "--config",
@@ -88,6 +90,9 @@ def test_activation_checkpointing_gives_the_same_losses(zero3_run, tmp_path):
     run = tmp_path / "ckpt"
     torchrun(BASE + [f"run.dir={run}", "model.checkpoint_activations=1", "log.wandb=off"])
     plain, ckpt = step_losses(zero3_run), step_losses(run)
+    tiny = ARCHS["tiny"]
+    assert _start(zero3_run)["checkpointed_blocks"] == 0
+    assert _start(run)["checkpointed_blocks"] == tiny["depth"] + tiny["decoder_depth"]
     assert sorted(plain) == sorted(ckpt)
     for step in plain:  # same weights, data and masks: recomputation changes nothing
         assert ckpt[step] == pytest.approx(plain[step], rel=1e-5, abs=1e-6), step

@@ -48,3 +48,8 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> list[str]:
 
 def is_checkpointed(block: nn.Module) -> bool:
     return "forward" in block.__dict__
+
+
+def checkpointed_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks that run checkpointed now (for the run's start record)."""
+    return [name for name, m in model.named_modules() if isinstance(m, Block) and is_checkpointed(m)]

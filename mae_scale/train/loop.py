@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from mae_scale.config import Config
+from mae_scale.model.checkpointing import checkpointed_blocks
 from mae_scale.train import dist as D
 from mae_scale.train.checkpoint import Checkpointer, resume_source, set_rng_state
 from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
@@ -136,6 +137,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             "zero_stage": engine.zero_optimization_stage(),
             "precision": built.precision,
             "attention": engine.module.attention_backend(),
+            "checkpointed_blocks": len(checkpointed_blocks(engine.module)),
             "world_size": world_size,
         },
     )
