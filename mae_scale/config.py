@@ -25,6 +25,7 @@ ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 MODEL_PRESETS = ("tiny", "vit_b", "vit_l", "vit_h", "vit_g", "vit_2b")
 SHORT_VIDEO_POLICIES = ("stride", "loop", "skip")
 REPEAT_SPANS = ("video", "clip")
+RESHARD_POLICIES = ("replay", "skip")
 WANDB_MODES = ("offline", "online", "off")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -102,6 +103,9 @@ class CheckpointConfig:
     every_steps: int = 1000  # save every N optimizer steps
     every_minutes: float = 60.0  # ... or every M minutes, whichever first (0: off)
     keep: int = 3  # newest checkpoints kept
+    # resuming on another world size restarts the data at an epoch boundary: "replay" the epoch the
+    # slowest old stream was in (nothing skipped), or "skip" to the first epoch no stream had started
+    reshard_data: str = "replay"
 
 
 @dataclass
@@ -255,6 +259,7 @@ class Config:
         positive("checkpoint.every_steps", self.checkpoint.every_steps, zero_ok=True)
         positive("checkpoint.every_minutes", self.checkpoint.every_minutes, zero_ok=True)
         positive("checkpoint.keep", self.checkpoint.keep)
+        choice("checkpoint.reshard_data", self.checkpoint.reshard_data, RESHARD_POLICIES)
         positive("log.every_steps", self.log.every_steps)
         positive("log.image_every_steps", self.log.image_every_steps, zero_ok=True)
         choice("log.wandb", self.log.wandb, WANDB_MODES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -278,13 +279,22 @@ def test_resume_two_ranks_on_one_rank(tmp_path, demo_shards):
     torchrun(COMMON + [f"run.dir={run}", "train.steps=6", "checkpoint.every_steps=6"])
     saved = _weights(run, 6)
     expected_l2 = math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in saved.values()))
+    shutil.copytree(run, tmp_path / "reshard_skip")
     proc = pretrain(COMMON + [f"run.dir={run}", "train.steps=9", "checkpoint.every_steps=9"])
     starts = [m for m in metrics(run) if m.get("event") == "start"]
     assert starts[-1]["world_size"] == 1 and starts[-1]["step"] == 6
     assert starts[-1]["weights_l2"] == pytest.approx(expected_l2, rel=1e-6)
-    assert "world size 2 -> 1: data stream restarts at the start of epoch" in proc.stderr
+    restart = re.compile(r"world size 2 -> 1: data stream restarts at the start of epoch (\d+) \(([^)]*)\)")
+    replay = restart.search(proc.stderr)
+    assert replay and replay[2].startswith("checkpoint.reshard_data=replay"), proc.stderr[-3000:]
     losses = _losses_last_write_wins(run)
     assert sorted(losses)[-3:] == [7, 8, 9] and all(math.isfinite(losses[s]) for s in (7, 8, 9))
+
+    skip_run = tmp_path / "reshard_skip"
+    proc = pretrain(COMMON + [f"run.dir={skip_run}", "train.steps=7", "checkpoint.reshard_data=skip"])
+    skip = restart.search(proc.stderr)
+    assert skip and skip[2].startswith("checkpoint.reshard_data=skip"), proc.stderr[-3000:]
+    assert int(skip[1]) == int(replay[1]) + 1  # the old ranks were inside epoch N: skip starts at N + 1
 
 
 def test_export_round_trip(tmp_path, demo_shards):

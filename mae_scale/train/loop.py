@@ -87,10 +87,15 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         start_step = int(engine.global_steps)
         if "other_world" in state:  # another world size: the stream restarts at an epoch boundary
             old = [s["loader"] for s in state["other_world"]]
-            epoch = loader.load_nearest_safe_point(old)
+            policy = cfg.checkpoint.reshard_data
+            epoch = loader.load_nearest_safe_point(old, policy=policy)
+            what = {
+                "replay": "what the old run saw of it is replayed, nothing is skipped",
+                "skip": "the unseen rest of earlier epochs is skipped, nothing is repeated",
+            }[policy]
             replay_note = (
                 f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
-                f"{epoch} (what the old run saw of it is replayed, nothing is skipped)"
+                f"{epoch} (checkpoint.reshard_data={policy}: {what})"
             )
         else:
             loader.load_state_dict(state["loader"])
