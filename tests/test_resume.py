@@ -203,6 +203,20 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, demo_shards):
     assert max(_losses_last_write_wins(run)) == step + 2
 
 
+def test_signal_after_the_agreement_waits_for_the_next_one(tmp_path, demo_shards):
+    """Rank 1 is signalled right after step 3's agreement: both ranks checkpoint together at step 4
+    and exit 0 (acting on the local flag at step 3 hangs the job)."""
+    run = tmp_path / "late"
+    script = REPO / "tests" / "scripts" / "late_signal_pretrain.py"
+    args = COMMON + [f"run.dir={run}", "train.steps=10000", "checkpoint.every_steps=0"]
+    with _torchrun_job(args, entry=(str(script), "3")) as proc:
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped by signal at step 4" in out
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert (run / "checkpoints" / "step_00000004" / "complete.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def one_rank_run(tmp_path_factory, demo_shards):
     """One process, checkpoints at steps 4 and 8."""
