@@ -10,7 +10,13 @@ import torch
 
 from mae_scale.data.decode import BadVideo, VideoLimits, decode_frames, open_video, probe
 from mae_scale.data.encode import EncodeOptions, output_size, transcode
-from mae_scale.data.transforms import ClipSpec, crop_resize, make_clips, plan_clips, random_resized_crop
+from mae_scale.data.transforms import (
+    ClipSpec,
+    make_clips,
+    plan_clips,
+    random_resized_crop,
+    resize_frame,
+)
 
 LIMITS = VideoLimits()
 
@@ -171,12 +177,45 @@ def test_random_resized_crop_in_bounds():
             assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
 
 
-def test_crop_resize_shape_flip_and_identity():
-    frames = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)  # (T, H, W, C)
-    out = crop_resize(frames, (0, 0, 8, 8), 8, flip=False)
-    assert out.shape == (3, 3, 8, 8) and out.dtype == torch.uint8  # (C, T, H, W)
-    assert torch.equal(out, frames.permute(3, 0, 1, 2))  # same size: bilinear is the identity
-    assert torch.equal(crop_resize(frames, (0, 0, 8, 8), 8, flip=True), out.flip(-1))
+def test_resize_frame_identity_flip_and_crop_view():
+    frame = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = np.empty((8, 8, 3), np.uint8)
+    resize_frame(frame, 8, out)
+    assert np.array_equal(out, frame)  # same size: bilinear is the identity
+    resize_frame(frame, 8, out, flip=True)
+    assert np.array_equal(out, frame[:, ::-1])
+    big = np.zeros((20, 30, 3), np.uint8)
+    big[5:13, 7:15] = frame
+    resize_frame(big[5:13, 7:15], 8, out)  # a crop is a strided view of the frame, read in place
+    assert np.array_equal(out, frame)
+
+
+def test_resize_frame_matches_an_antialiased_resize_and_does_not_alias():
+    """A 6.25x shrink of 1-pixel stripes must come out flat gray, as an antialiased filter makes it;
+    plain bilinear samples single stripes and keeps a strong pattern (std ~70 here). On smooth
+    content the result stays within a few levels of torch's antialiased bilinear resize."""
+    import torch.nn.functional as F
+
+    stripes = np.zeros((400, 400, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = np.empty((64, 64, 3), np.uint8)
+    resize_frame(stripes, 64, out)
+    assert abs(out.mean() - 127.5) < 2 and out.std() < 3, (out.mean(), out.std())
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    smooth = np.stack([xx * 255 / 400, yy * 255 / 300, 128 + 100 * np.sin(xx / 25.0)], -1).astype(np.uint8)
+    for size in (224, 120, 64):  # shrinks of 1.8x, 3.3x and 6.3x
+        out = np.empty((size, size, 3), np.uint8)
+        resize_frame(smooth, size, out)
+        ref = F.interpolate(
+            torch.from_numpy(smooth).permute(2, 0, 1)[None].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0].permute(1, 2, 0)
+        diff = (torch.from_numpy(out).float() - ref).abs()
+        assert diff.mean() < 1.5 and diff.max() < 12, (size, diff.mean(), diff.max())
 
 
 def test_make_clips_shape(index_video, read_frame_index):
@@ -195,6 +234,9 @@ def test_make_clips_shape(index_video, read_frame_index):
         got = [read_frame_index(clip[:, t].numpy()) for t in range(4)]
         flipped = [read_frame_index(clip[:, t].flip(-1).numpy()) for t in range(4)]
         assert indices in (got, flipped)
+    contiguous = torch.empty((3, 3, 4, 32, 32), dtype=torch.uint8)  # (R, C, T, H, W), not channels-last
+    with pytest.raises(ValueError, match="out must be channels-last"):
+        make_clips(decoded, plan, spec, rng, out=contiguous)
 
 
 def test_decode_time_limit(index_video):
@@ -222,9 +264,9 @@ def test_decodes_only_near_the_wanted_frames(index_video, read_frame_index, monk
 
 
 def test_converter_inherited_by_a_forked_worker_can_be_freed(index_video):
-    """PAINS: DataLoader hangs after fork. The parent converts frames (workers=0, tools), then forks
-    DataLoader workers; a child that frees the inherited RGB scaler must not wait forever for scaler
-    threads that did not survive the fork (seen as a CI hang)."""
+    """PAINS: DataLoader hangs after fork. The parent converts and resizes frames (workers=0, tools),
+    then forks DataLoader workers; a child that resizes and frees the inherited RGB scaler must not
+    wait forever for scaler or OpenCV threads that did not survive the fork (seen as a CI hang)."""
     import gc
     import io
     import os
@@ -235,11 +277,13 @@ def test_converter_inherited_by_a_forked_worker_can_be_freed(index_video):
     from mae_scale.data.decode import RGBConverter
 
     convert = RGBConverter()
+    out = np.empty((224, 224, 3), np.uint8)
     with av.open(io.BytesIO(index_video(frames=8))) as container:
         for frame in container.decode(video=0):
-            convert(frame)
+            resize_frame(np.tile(convert(frame), (8, 8, 1)), 224, out)
     pid = os.fork()
-    if pid == 0:  # the child: free it, leave at once
+    if pid == 0:  # the child: resize, free the converter, leave at once
+        resize_frame(np.tile(out, (3, 3, 1)), 224, out)
         del convert
         gc.collect()
         os._exit(0)
