@@ -9,7 +9,7 @@ moves 4x fewer bytes to the device. Clips are laid out in memory as (T, H, W, C)
 transposing copy is made on the host (measured: it cost as much as the resize itself at 224 px); use
 `.reshape`/einops rather than `.view` on them, or `.contiguous()` on the device.
 
-The resize is OpenCV's, frame by frame, straight from the crop into the batch: measured 2-2.5x
+The resize is OpenCV's, frame by frame, straight from the crop into the batch: measured 1.5-2.4x
 faster than torch's antialiased uint8 kernel with the copies that one needs (`BENCHMARKS.md`).
 """
 
@@ -123,10 +123,10 @@ def random_resized_crop(
 def resize_frame(src: np.ndarray, size: int, dst: np.ndarray, flip: bool = False) -> None:
     """Resize one uint8 (h, w, C) frame into `dst` (size, size, C), antialiased; mirror it if `flip`.
 
-    Bilinear interpolation reads every source pixel only while it shrinks by at most 2x (as plain
-    bilinear does in mae_st and VideoMAE). A larger shrink is first halved along each axis that needs
-    it with an exact 2x box filter (OpenCV's integer-factor area path) until it is within 2x, so
-    detail too fine for the output averages out instead of aliasing.
+    Plain bilinear interpolation (what mae_st and VideoMAE use) reads every source pixel only while it
+    shrinks by at most 2x. A larger shrink is first halved along each axis that needs it with an
+    exact 2x box filter (OpenCV's integer-factor area path; an odd last row or column is dropped)
+    until it is within 2x, so detail too fine for the output averages out instead of aliasing.
     """
     while src.shape[0] > 2 * size or src.shape[1] > 2 * size:
         fy, fx = (2 if side > 2 * size else 1 for side in src.shape[:2])
