@@ -160,12 +160,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, fields in declaration order (what `save` writes)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.write_text(self.to_yaml())
         os.replace(tmp, path)
 
     # --------------------------------------------------------------- validation

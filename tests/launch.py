@@ -33,19 +33,16 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def torchrun_cmd(args: list[str], *, nproc: int = 2, entry=("-m", "mae_scale.pretrain")) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N ENTRY ARGS` (ENTRY: a module or a script)."""
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *entry, *args]
+
+
 def torchrun(
     args: list[str], *, nproc: int = 2, timeout: float = 300, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N -m mae_scale.pretrain ARGS` from the repo root."""
-    cmd = [
-        str(BIN / "torchrun"),
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "mae_scale.pretrain",
-        *args,
-    ]
-    return run(cmd, timeout=timeout, env=env, check=check)
+    return run(torchrun_cmd(args, nproc=nproc), timeout=timeout, env=env, check=check)
 
 
 def pretrain(args: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
@@ -71,4 +68,5 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step losses; a resumed run re-logs steps after its checkpoint, and the later line counts."""
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}

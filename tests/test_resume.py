@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import torch
-from launch import BIN, REPO, cpu_env, metrics, pretrain, torchrun
+from launch import REPO, cpu_env, metrics, pretrain, step_losses, torchrun, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +32,10 @@ COMMON = [
 ]
 
 
-def _losses_last_write_wins(run) -> dict[int, float]:
-    """Per-step losses; a resumed run re-logs steps after its checkpoint, the later line counts."""
-    out = {}
-    for m in metrics(run):
-        if "loss" in m:
-            out[m["step"]] = m["loss"]
-    return out
-
-
 def _samples(run, rank) -> dict[int, list]:
     out = {}
     for line in (run / f"samples_rank{rank}.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out.setdefault(rec["step"], [])
         out[rec["step"]] = rec["keys"]  # later (resumed) lines replace earlier ones
     return out
 
@@ -61,9 +51,8 @@ def _weights(run, step):
 @contextlib.contextmanager
 def _torchrun_job(args, entry=("-m", "mae_scale.pretrain")):
     """A 2-rank job in the background; whatever happens in the test, nothing of it outlives the block."""
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *entry, *args]
     proc = subprocess.Popen(
-        cmd,
+        torchrun_cmd(args, entry=entry),
         cwd=REPO,
         env=cpu_env(),
         stdout=subprocess.PIPE,
@@ -131,7 +120,7 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, tmp_path):
     with _torchrun_job(args) as proc:
         _wait_for(lambda: latest.exists(), proc)
         _kill_job(proc)  # the launcher, both ranks and their workers: no chance to clean up
-    killed_at = max(_losses_last_write_wins(run))
+    killed_at = max(step_losses(run))
     assert killed_at < 2 * N, "the run finished before the kill: the test did not interrupt it"
     assert latest.read_text() == f"step_{N:08d}"
 
@@ -141,7 +130,7 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, tmp_path):
 
 def _assert_same_as_straight(run, straight_run):
     """Same losses (bit for bit), the same sample keys at every step and the same final weights."""
-    straight, resumed = _losses_last_write_wins(straight_run), _losses_last_write_wins(run)
+    straight, resumed = step_losses(straight_run), step_losses(run)
     assert sorted(resumed) == sorted(straight) == list(range(1, 2 * N + 1))
     assert [resumed[s] for s in sorted(resumed)] == [straight[s] for s in sorted(straight)]  # bit for bit
     for rank in (0, 1):  # the same samples at every step: nothing repeated, nothing skipped
@@ -183,7 +172,7 @@ def test_sigkill_during_save_then_resume_is_bit_exact(straight_run, tmp_path):
 def test_sigterm_checkpoints_then_resumes(tmp_path, demo_shards):
     run = tmp_path / "term"
     with _torchrun_job(COMMON + [f"run.dir={run}", "train.steps=10000", "checkpoint.every_steps=0"]) as proc:
-        _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses_last_write_wins(run)) >= 3, proc)
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and len(step_losses(run)) >= 3, proc)
         launcher = psutil.Process(proc.pid)
         ranks = launcher.children()
         workers = [w for r in ranks for w in r.children(recursive=True)]
@@ -200,7 +189,7 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, demo_shards):
     assert (run / "checkpoints" / tag / "complete.json").is_file()
     resumed = torchrun(COMMON + [f"run.dir={run}", f"train.steps={step + 2}", "checkpoint.every_steps=0"])
     assert f"at step {step}" in resumed.stderr
-    assert max(_losses_last_write_wins(run)) == step + 2
+    assert max(step_losses(run)) == step + 2
 
 
 def test_signal_after_the_agreement_waits_for_the_next_one(tmp_path, demo_shards):
@@ -301,7 +290,7 @@ def test_resume_two_ranks_on_one_rank(tmp_path, demo_shards):
     restart = re.compile(r"world size 2 -> 1: data stream restarts at the start of epoch (\d+) \(([^)]*)\)")
     replay = restart.search(proc.stderr)
     assert replay and replay[2].startswith("checkpoint.reshard_data=replay"), proc.stderr[-3000:]
-    losses = _losses_last_write_wins(run)
+    losses = step_losses(run)
     assert sorted(losses)[-3:] == [7, 8, 9] and all(math.isfinite(losses[s]) for s in (7, 8, 9))
 
     skip_run = tmp_path / "reshard_skip"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, RGBConverter, VideoLimits, decode_frames
-from mae_scale.data.shards import MAX_MEMBER_BYTES, RawSample, iter_tar, open_shard
+from mae_scale.data.shards import MAX_MEMBER_BYTES, MEMBERS, RawSample, iter_tar, open_shard
 from mae_scale.data.transforms import ClipSpec, empty_clips, make_clips, plan_clips
 
 BAD = object()  # marks a sample that was skipped (and counted)
@@ -33,20 +32,6 @@ BAD = object()  # marks a sample that was skipped (and counted)
 
 class BadDataError(RuntimeError):
     """Too many bad samples (or none good): the message names the ratio, the limit and the main reasons."""
-
-
-def _new_batch(spec: StreamSpec, shared: bool) -> torch.Tensor:
-    """An uninitialized uint8 (B*R, C, T, H, W) batch, channels-last like the clips (see transforms).
-
-    In a worker process it is allocated in shared memory right away, as DataLoader's own collate
-    does, so that handing it to the main process copies nothing.
-    """
-    clip = spec.clip
-    if not shared:
-        return empty_clips(spec.batch_size * clip.repeats, clip)
-    shape = (spec.batch_size * clip.repeats, clip.num_frames, clip.size, clip.size, 3)  # (B*R, T, H, W, C)
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape).permute(0, 4, 1, 2, 3)
 
 
 def stable_seed(*parts: object) -> int:
@@ -203,7 +188,7 @@ class ClipStream(IterableDataset):
         stats = StreamStats()
         to_rgb = RGBConverter()
         clip = spec.clip
-        new_batch = lambda: _new_batch(spec, shared=info is not None)  # noqa: E731
+        new_batch = lambda: empty_clips(spec.batch_size * clip.repeats, clip, shared=info is not None)  # noqa: E731
         batch, filled, keys, labels, first_epoch = new_batch(), 0, [], [], None
         while True:
             consumed, good = skip, 0
@@ -242,7 +227,7 @@ class ClipStream(IterableDataset):
         if raw.fault:
             stats.add_bad(raw.fault, item, raw.detail, item.bad)
             return BAD
-        missing = [m for m in ("mp4", "json") if m not in raw.members]
+        missing = [m for m in MEMBERS if m not in raw.members]
         if missing:
             stats.add_bad("missing_member", item, f"no .{' .'.join(missing)}")
             return BAD

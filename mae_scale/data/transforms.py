@@ -137,11 +137,17 @@ def resize_frame(src: np.ndarray, size: int, dst: np.ndarray, flip: bool = False
         cv2.flip(dst, 1, dst=dst)
 
 
-def empty_clips(n: int, spec: ClipSpec) -> torch.Tensor:
-    """Uninitialized uint8 (n, C, T, size, size) clips, channels-last: (n, T, size, size, C) in memory."""
-    return torch.empty((n, spec.num_frames, spec.size, spec.size, 3), dtype=torch.uint8).permute(
-        0, 4, 1, 2, 3
-    )
+def empty_clips(n: int, spec: ClipSpec, shared: bool = False) -> torch.Tensor:
+    """Uninitialized uint8 (n, C, T, size, size) clips, channels-last: (n, T, size, size, C) in memory.
+
+    `shared`: allocated in shared memory right away (as DataLoader's own collate does in a worker),
+    so that handing the batch to the main process copies nothing.
+    """
+    shape = (n, spec.num_frames, spec.size, spec.size, 3)  # (n, T, H, W, C)
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8).permute(0, 4, 1, 2, 3)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape).permute(0, 4, 1, 2, 3)
 
 
 def make_clips(

@@ -10,7 +10,6 @@ import sys
 import time
 
 import torch
-import yaml
 
 from mae_scale.config import Config
 from mae_scale.model.checkpointing import checkpointed_blocks
@@ -150,7 +149,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
     )
 
-    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    config_yaml = cfg.to_yaml()
     stop = StopSignal()
     stop_agreed = False
     step = start_step
