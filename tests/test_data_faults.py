@@ -221,21 +221,27 @@ def test_verify_names_every_fault(faulty, demo_shards):
 
 
 @pytest.mark.slow
-def test_decoding_many_clips_does_not_grow_memory(demo_shards):
-    """PAINS: decoders that are never freed grow RSS until OOM. 300 videos in, RSS must stay flat."""
-
-    def rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20
+@pytest.mark.parametrize("workers", [0, 1])
+def test_decoding_many_clips_does_not_grow_memory(demo_shards, workers):
+    """PAINS: decoders that are never freed grow RSS until OOM. 400 videos in, the RSS of the process
+    that decodes (this one, or the worker) must stay flat, and so must this one's with a worker."""
+    import psutil
 
     loader = build_loader(
-        config(demo_shards, repeats=2, max_pixels=10**7, shuffle_buffer=0), batch_size=4, seed=0
+        config(demo_shards, repeats=2, max_pixels=10**7, shuffle_buffer=0, workers=workers),
+        batch_size=4,
+        seed=0,
     )
     it = iter(loader)
     for _ in range(25):  # warm up allocators and caches
         next(it)
-    before = rss_mb()
+    me = psutil.Process()
+    decoders = [me, *me.children()]  # with a worker: this process and the worker
+    assert len(decoders) == 1 + workers
+    before = [p.memory_info().rss / 2**20 for p in decoders]
     for _ in range(75):
         next(it)
+    after = [p.memory_info().rss / 2**20 for p in decoders]
     assert loader.stats()["samples"] == 400
-    assert rss_mb() - before < 25, f"RSS grew from {before:.0f} MB to {rss_mb():.0f} MB"
+    for b, a in zip(before, after, strict=True):
+        assert a - b < 25, f"RSS grew from {b:.0f} MB to {a:.0f} MB (processes: {decoders})"
