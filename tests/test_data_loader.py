@@ -85,6 +85,31 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert torch.equal(x["clips"], y["clips"])
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_are_reused_only_once_let_go(demo_shards, workers):
+    """Workers write into a batch again only after every tensor on it is gone (BatchPool): a clip kept
+    from a batch (a view) stays intact while later batches stream past; dropped batches are reused;
+    reuse changes no pixel of what is delivered."""
+    config = cfg(demo_shards, workers=workers)
+    reusing = build_loader(config, batch_size=1, seed=5)
+    kept, copies, delivered = {}, {}, []
+    for i, batch in zip(range(16), reusing, strict=False):
+        delivered.append(batch["clips"].clone())
+        if i in (0, 3):
+            kept[i] = batch["clips"][1]  # a view: the batch tensor itself is dropped
+            copies[i] = kept[i].clone()
+        del batch
+    for i in kept:
+        assert torch.equal(kept[i], copies[i]), f"batch {i} was overwritten while a view of it was alive"
+    assert reusing.stats()["buffers"] < 16 - len(kept)  # dropped batches were written again
+
+    holding = build_loader(config, batch_size=1, seed=5)
+    held = take(holding, 16)  # every batch kept: none can be reused
+    assert holding.stats()["buffers"] == 16
+    for mine, theirs in zip(held, delivered, strict=True):
+        assert torch.equal(mine["clips"], theirs)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact(synthetic_shards, workers):
     config = cfg(synthetic_shards, workers=workers)

@@ -159,7 +159,15 @@ def main(argv=None) -> int:
             )
     print(f"videos: {len(samples)} from {shards}; T={args.frames}, stride {args.stride}, {args.size} px")
     ok = all(pipe >= 0.85 * raw for raw, pipe in results.values())
-    print(f"goal pipeline >= 85% of the raw decode limit: {'met' if ok else 'NOT met'}")
+    print(
+        f"goal pipeline >= 85% of the raw decode limit at the same R and span: {'met' if ok else 'NOT met'}"
+    )
+    if (args.repeat_span[0], 1) in results:  # the other reading: one limit for the files, R = 1's
+        files = results[args.repeat_span[0], 1][0]
+        rows = [f"R=1 {results[args.repeat_span[0], 1][1] / files:.2f}"] + [
+            f"span={span} R={r} {pipe / files:.2f}" for (span, r), (_, pipe) in results.items() if r > 1
+        ]
+        print(f"pipeline / the files' raw decode rate (one clip per decoded video): {', '.join(rows)}")
     for span in args.repeat_span:
         if (span, 1) in results and (span, 4) in results:
             gain = results[span, 4][1] / results[span, 1][1]

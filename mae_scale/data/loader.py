@@ -16,11 +16,14 @@ on each other at the end of the data.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import queue
 import signal
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -74,6 +77,10 @@ class ClipLoader:
 
     "clips" is laid out channels-last in memory (`torch.channels_last_3d`, as the resize makes it):
     `.to(device)` keeps that layout, conv3d takes it as is; use `.reshape`/einops, not `.view`.
+
+    Clip batches are reused: once every tensor viewing a batch's memory is gone, its worker writes
+    the next batch into it (`BatchPool`), so keeping a batch, or any view of it, is always safe. With
+    `pin_memory` every batch is new (the copy into pinned memory is made out of our sight).
     """
 
     def __init__(
@@ -97,10 +104,27 @@ class ClipLoader:
         self._positions: list[tuple[int, int]] = [(0, 0)] * spec.workers
         self._next = 0  # logical worker whose batch comes next
         self._totals = _Totals()
+        self._buffers = 0  # clip batches the workers allocated for this loader (not reused ones)
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = ClipStream(self.spec, list(self._positions), worker_offset=self._next)
+        # Batch reuse: a batch's id goes back to its worker once every tensor on its memory has died.
+        # The leases' finalizers only put on `released` (a queue.SimpleQueue, safe in __del__); the ids
+        # are forwarded to the workers here, between batches.
+        returns, released = None, queue.SimpleQueue()
+        if not self.pin_memory:
+            if self.num_workers > 0:
+                context = multiprocessing.get_context(self.multiprocessing_context)
+                returns = [context.SimpleQueue() for _ in range(self.spec.workers)]
+            else:
+                returns = [queue.SimpleQueue()]
+        dataset = ClipStream(
+            self.spec,
+            list(self._positions),
+            worker_offset=self._next,
+            returns=returns,
+            keep=self.prefetch_factor + 3,  # in flight, held by the trainer, released but not yet sent back
+        )
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             extra = dict(
@@ -134,9 +158,18 @@ class ClipLoader:
                 epoch, consumed = batch.pop("_position")
                 self._positions[worker] = (int(epoch), int(consumed))
                 self._next = (worker + 1) % self.spec.workers
-                self._totals.add(batch.pop("_stats"))
+                delta = batch.pop("_stats")
+                self._buffers += delta.pop("buffers")
+                self._totals.add(delta)
                 self._check_bad_ratio()
+                buffer = batch.pop("_buffer")
+                if buffer >= 0:
+                    batch["clips"] = _leased(batch["clips"], lambda w=worker, b=buffer: released.put((w, b)))
                 yield batch
+                del batch
+                while returns is not None and not released.empty():
+                    w, b = released.get()
+                    returns[w].put(b)
         finally:  # an error, or a consumer that stops early: end the workers now, not at exit
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
@@ -164,6 +197,7 @@ class ClipLoader:
         d["clips"] = d["samples"] * self.spec.clip.repeats
         d["bad_total"] = bad
         d["bad_ratio"] = bad / max(1, bad + d["samples"])
+        d["buffers"] = self._buffers  # since this loader was made, not restored: a memory figure
         d["epoch"] = min(e for e, _ in self._positions)
         return d
 
@@ -241,6 +275,36 @@ class ClipLoader:
         self._next = 0
         self._totals = _Totals()
         return epoch
+
+
+class _Lease:
+    """Numpy's view of a clip batch's memory; `on_release` runs when the last tensor on it dies.
+
+    Tensors made with `torch.from_numpy` keep their array, and the array this object, alive through
+    any view, slice or storage reference, so the release cannot come while anything can still read it.
+    """
+
+    def __init__(self, pixels: torch.Tensor, on_release: Callable[[], None]):
+        self.pixels, self.on_release = pixels, on_release  # pixels keeps the (shared) memory mapped
+        self.__array_interface__ = {
+            "shape": tuple(pixels.shape),
+            "typestr": "|u1",
+            "data": (pixels.data_ptr(), False),
+            "version": 3,
+        }
+
+    def __del__(self):
+        self.on_release()
+
+
+def _leased(clips: torch.Tensor, on_release: Callable[[], None]) -> torch.Tensor:
+    """The same clips (B*R, C, T, H, W), on the same memory, as a tensor whose death calls `on_release`."""
+    pixels = clips.permute(0, 2, 3, 4, 1)  # (B*R, T, H, W, C): the memory order
+    if not pixels.is_contiguous() or pixels.dtype != torch.uint8:
+        raise ValueError(
+            f"clip batch must be channels-last uint8, got {clips.dtype}, strides {clips.stride()}"
+        )
+    return torch.from_numpy(np.asarray(_Lease(pixels, on_release))).permute(0, 4, 1, 2, 3)
 
 
 WORKER_STOP_GRACE_S = 20  # a worker outlives a SIGTERM this long, so the trainer can finish its step

@@ -15,7 +15,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -62,6 +62,7 @@ class StreamStats:
 
     samples: int = 0  # good videos
     decoded: int = 0  # videos handed to the decoder (fast-forward must add none)
+    buffers: int = 0  # clip batches allocated (not reused from the BatchPool)
     bad: Counter = field(default_factory=Counter)
     info: Counter = field(default_factory=Counter)  # notable but usable (short-video policies)
     examples: dict = field(default_factory=dict)  # reason -> "shard/key: detail" (first seen)
@@ -75,13 +76,42 @@ class StreamStats:
         out = {
             "samples": self.samples,
             "decoded": self.decoded,
+            "buffers": self.buffers,
             "bad": dict(self.bad),
             "info": dict(self.info),
             "examples": dict(self.examples),
         }
-        self.samples, self.decoded = 0, 0
+        self.samples, self.decoded, self.buffers = 0, 0, 0
         self.bad, self.info, self.examples = Counter(), Counter(), {}
         return out
+
+
+class BatchPool:
+    """Clip batches written again once the trainer has let go of them, instead of a fresh one each time.
+
+    A fresh batch costs the kernel's allocation and zeroing of every page it writes: 5-15% of a
+    worker's time at 224 px (BENCHMARKS.md). The main process sends back the id of each batch whose
+    every tensor has died (`ClipLoader`); a batch is never written before its id comes back. With
+    none free, a new batch is made, and kept for reuse while fewer than `keep` are.
+    """
+
+    def __init__(self, make: Callable[[], torch.Tensor], returns, keep: int):
+        self.make, self.returns, self.keep = make, returns, keep  # returns: a queue of ids, or None
+        self.batches: list[torch.Tensor] = []
+        self.free: list[int] = []
+
+    def take(self) -> tuple[torch.Tensor, int, bool]:
+        """(batch, id or -1 when it is not kept, whether it was newly allocated)."""
+        while self.returns is not None and not self.returns.empty():
+            self.free.append(self.returns.get())
+        if self.free:
+            i = self.free.pop()
+            return self.batches[i], i, False
+        batch = self.make()
+        if self.returns is None or len(self.batches) >= self.keep:
+            return batch, -1, True
+        self.batches.append(batch)
+        return batch, len(self.batches) - 1, True
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -113,11 +143,21 @@ class ClipStream(IterableDataset):
 
     DataLoader worker `p` plays logical worker `(p + worker_offset) % workers`, so a loader resumed
     after a batch of worker 1 starts with worker 1's stream and batches keep their order.
+    `returns[w]`: the queue on which logical worker w gets back the ids of its batches that the
+    trainer let go of (see `BatchPool`); None: every batch is new.
     """
 
-    def __init__(self, spec: StreamSpec, start: list[tuple[int, int]], worker_offset: int = 0):
+    def __init__(
+        self,
+        spec: StreamSpec,
+        start: list[tuple[int, int]],
+        worker_offset: int = 0,
+        returns: list | None = None,
+        keep: int = 0,
+    ):
         super().__init__()
         self.spec, self.start, self.worker_offset = spec, start, worker_offset
+        self.returns, self.keep = returns, keep
 
     # -- which raw items a slot sees in an epoch ------------------------------------------------
     def epoch_items(self, slot: int, epoch: int) -> Iterator[Item]:
@@ -188,8 +228,13 @@ class ClipStream(IterableDataset):
         stats = StreamStats()
         to_rgb = RGBConverter()
         clip = spec.clip
-        new_batch = lambda: empty_clips(spec.batch_size * clip.repeats, clip, shared=info is not None)  # noqa: E731
-        batch, filled, keys, labels, first_epoch = new_batch(), 0, [], [], None
+        pool = BatchPool(
+            lambda: empty_clips(spec.batch_size * clip.repeats, clip, shared=info is not None),
+            None if self.returns is None else self.returns[worker],
+            self.keep,
+        )
+        batch, buffer, new = pool.take()
+        filled, keys, labels, first_epoch = 0, [], [], None
         while True:
             consumed, good = skip, 0
             for item in islice(self.epoch_items(slot, epoch), skip, None):  # fast-forward: tar reads only
@@ -204,16 +249,19 @@ class ClipStream(IterableDataset):
                 keys += [item.raw.key] * clip.repeats
                 labels += [label] * clip.repeats
                 if filled == spec.batch_size:
+                    stats.buffers += new
                     yield {
                         "clips": batch,  # (B*R, C, T, H, W) uint8
                         "keys": keys,
                         "labels": labels,
                         "epoch": first_epoch,
                         "_worker": worker,
+                        "_buffer": buffer,
                         "_position": (epoch, consumed),
                         "_stats": stats.pop(),
                     }
-                    batch, filled, keys, labels, first_epoch = new_batch(), 0, [], [], None
+                    batch, buffer, new = pool.take()
+                    filled, keys, labels, first_epoch = 0, [], [], None
             if skip == 0 and good == 0:
                 raise BadDataError(
                     f"rank {spec.rank} worker {worker}: epoch {epoch} gave no usable sample "
