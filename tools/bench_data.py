@@ -15,7 +15,8 @@ the best a pipeline doing this augmentation on the host can reach. The pipeline:
 worker process doing everything (tar read, json, plan, decode, crop, resize, flip, collate) and
 handing batches to the main process, which only receives them. Both run over the same whole
 epochs, alternately; the best round of each is reported (the one least disturbed by anything else
-running on the machine), all rounds are printed.
+running on the machine), all rounds are printed. The pipeline is also set against the files' raw
+decode rate taken as one number, the R=1 limit (one clip per decoded video).
 """
 
 from __future__ import annotations
