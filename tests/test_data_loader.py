@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,29 +86,66 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert torch.equal(x["clips"], y["clips"])
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+def _keep(clips: torch.Tensor, how: str):
+    """Something that keeps a batch's memory alive after the batch tensor is gone, and its pixels now."""
+    kept = {"view": lambda: clips[1], "numpy": clips.numpy, "storage": clips.untyped_storage}[how]()
+    return kept, _pixels(kept).copy()
+
+
+def _pixels(kept) -> np.ndarray:
+    if isinstance(kept, torch.UntypedStorage):
+        return torch.empty(0, dtype=torch.uint8).set_(kept).numpy()
+    return np.asarray(kept)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_batches_are_reused_only_once_let_go(demo_shards, workers):
-    """Workers write into a batch again only after every tensor on it is gone (BatchPool): a clip kept
-    from a batch (a view) stays intact while later batches stream past; dropped batches are reused;
-    reuse changes no pixel of what is delivered."""
+    """Workers write into a batch again only after every tensor, array or storage on it is gone
+    (BatchPool): what is kept of a batch stays intact while later batches stream past, dropped
+    batches are reused, and reuse changes no pixel of what is delivered. Resumed after one batch,
+    so that with 2 workers the logical workers are offset from the processes."""
     config = cfg(demo_shards, workers=workers)
+    first = build_loader(config, batch_size=1, seed=5)
+    take(first, 1)
+    state = first.state_dict()
+
     reusing = build_loader(config, batch_size=1, seed=5)
-    kept, copies, delivered = {}, {}, []
+    reusing.load_state_dict(state)
+    kept, delivered = {}, []
     for i, batch in zip(range(16), reusing, strict=False):
         delivered.append(batch["clips"].clone())
-        if i in (0, 3):
-            kept[i] = batch["clips"][1]  # a view: the batch tensor itself is dropped
-            copies[i] = kept[i].clone()
+        if i in (0, 3, 6):
+            kept[i] = _keep(batch["clips"], {0: "view", 3: "numpy", 6: "storage"}[i])
         del batch
-    for i in kept:
-        assert torch.equal(kept[i], copies[i]), f"batch {i} was overwritten while a view of it was alive"
-    assert reusing.stats()["buffers"] < 16 - len(kept)  # dropped batches were written again
+    for i, (thing, pixels) in kept.items():
+        assert np.array_equal(_pixels(thing), pixels), f"batch {i} was overwritten while kept"
+    allocated = reusing.stats()["batches_allocated"]
+    if workers == 0:  # the one being written, the previous one (zip holds it until the next), the kept
+        assert allocated == 2 + len(kept)
+    else:
+        assert allocated < 16 - len(kept)
 
     holding = build_loader(config, batch_size=1, seed=5)
+    holding.load_state_dict(state)
     held = take(holding, 16)  # every batch kept: none can be reused
-    assert holding.stats()["buffers"] == 16
+    assert holding.stats()["batches_allocated"] == 16
     for mine, theirs in zip(held, delivered, strict=True):
         assert torch.equal(mine["clips"], theirs)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_batch_from_an_earlier_iteration_never_returns_to_new_workers(demo_shards, workers):
+    loader = build_loader(cfg(demo_shards, workers=workers), batch_size=1, seed=5)
+    it = iter(loader)
+    old = next(it)["clips"]  # outlives its iteration
+    it.close()
+    it = iter(loader)
+    held = [next(it)["clips"] for _ in range(3)]
+    copies = [c.clone() for c in held]
+    del old  # its id must go nowhere: the new workers' batch of the same id is held
+    for _ in range(6):
+        next(it)
+    assert all(torch.equal(a, b) for a, b in zip(held, copies, strict=True))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -285,6 +285,21 @@ def test_wandb_online_without_network_or_key_never_stops_training(tmp_path):
     assert time.monotonic() - t0 < 120
 
 
+def test_progress_bar_shows_no_loss_before_there_is_one(tmp_path, monkeypatch):
+    """An event record (no loss) left "loss=nan" on the bar until the first logged step."""
+    from mae_scale.train.metrics import MetricsLogger
+
+    monkeypatch.delenv("MAE_SCALE_NO_BAR", raising=False)
+    m = MetricsLogger(
+        tmp_path, {}, enabled=True, wandb_mode="off", project="x", total_steps=2, start_step=0, resumed=False
+    )
+    m.log(0, {"event": "start"})
+    assert "loss" not in (m.bar.postfix or "")
+    m.log(1, {"loss": 1.25, "lr": 1e-3})
+    assert "loss=1.2500" in m.bar.postfix
+    m.close()
+
+
 @pytest.mark.slow
 def test_slow_data_source_is_reported(tmp_path, demo_shards):
     """PAINS: the accelerator waits on the data and nobody sees it. Shards behind a slow `pipe:`

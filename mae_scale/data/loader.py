@@ -15,6 +15,7 @@ on each other at the end of the data.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import queue
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from mae_scale.data.decode import VideoLimits
 from mae_scale.data.shards import MAX_MEMBER_BYTES, read_manifest
-from mae_scale.data.stream import BadDataError, ClipStream, ShardRef, StreamSpec, stable_seed
+from mae_scale.data.stream import BadDataError, BatchReturns, ClipStream, ShardRef, StreamSpec, stable_seed
 from mae_scale.data.transforms import ClipSpec
 
 __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
@@ -78,9 +79,11 @@ class ClipLoader:
     "clips" is laid out channels-last in memory (`torch.channels_last_3d`, as the resize makes it):
     `.to(device)` keeps that layout, conv3d takes it as is; use `.reshape`/einops, not `.view`.
 
-    Clip batches are reused: once every tensor viewing a batch's memory is gone, its worker writes
-    the next batch into it (`BatchPool`), so keeping a batch, or any view of it, is always safe. With
-    `pin_memory` every batch is new (the copy into pinned memory is made out of our sight).
+    Clip batches are reused: once every tensor, view or storage on a batch's memory is gone, its
+    worker writes a later batch into it (`BatchPool`), so keeping a batch or a view of it is safe.
+    Not covered: a raw pointer, or a `.numpy()` array taken before the tensor was moved into new
+    memory by `share_memory_()` or by sending it to another process. With `pin_memory` every batch
+    is new (the copy into pinned memory is made out of our sight).
     """
 
     def __init__(
@@ -104,27 +107,24 @@ class ClipLoader:
         self._positions: list[tuple[int, int]] = [(0, 0)] * spec.workers
         self._next = 0  # logical worker whose batch comes next
         self._totals = _Totals()
-        self._buffers = 0  # clip batches the workers allocated for this loader (not reused ones)
+        self._batches_allocated = 0  # by the workers of this loader object: a memory figure, not saved
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Batch reuse: a batch's id goes back to its worker once every tensor on its memory has died.
         # The leases' finalizers only put on `released` (a queue.SimpleQueue, safe in __del__); the ids
-        # are forwarded to the workers here, between batches.
+        # are forwarded to the workers here, between batches. Both are made anew for each DataLoader,
+        # so an id from an earlier iteration can never reach a later one's workers.
         returns, released = None, queue.SimpleQueue()
         if not self.pin_memory:
             if self.num_workers > 0:
                 context = multiprocessing.get_context(self.multiprocessing_context)
-                returns = [context.SimpleQueue() for _ in range(self.spec.workers)]
+                queues = [context.SimpleQueue() for _ in range(self.spec.workers)]
             else:
-                returns = [queue.SimpleQueue()]
-        dataset = ClipStream(
-            self.spec,
-            list(self._positions),
-            worker_offset=self._next,
-            returns=returns,
-            keep=self.prefetch_factor + 3,  # in flight, held by the trainer, released but not yet sent back
-        )
+                queues = [queue.SimpleQueue()]
+            # kept per worker: in flight, held by the trainer, released but not yet sent back
+            returns = BatchReturns(queues, keep=self.prefetch_factor + 3)
+        dataset = ClipStream(self.spec, list(self._positions), worker_offset=self._next, returns=returns)
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             extra = dict(
@@ -159,17 +159,18 @@ class ClipLoader:
                 self._positions[worker] = (int(epoch), int(consumed))
                 self._next = (worker + 1) % self.spec.workers
                 delta = batch.pop("_stats")
-                self._buffers += delta.pop("buffers")
+                self._batches_allocated += delta.pop("batches_allocated")
                 self._totals.add(delta)
                 self._check_bad_ratio()
                 buffer = batch.pop("_buffer")
                 if buffer >= 0:
-                    batch["clips"] = _leased(batch["clips"], lambda w=worker, b=buffer: released.put((w, b)))
+                    give_back = functools.partial(released.put, (worker, buffer))
+                    batch["clips"] = _leased(batch["clips"], give_back)
                 yield batch
                 del batch
-                while returns is not None and not released.empty():
+                while not released.empty():
                     w, b = released.get()
-                    returns[w].put(b)
+                    returns.queues[w].put(b)
         finally:  # an error, or a consumer that stops early: end the workers now, not at exit
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
@@ -197,7 +198,7 @@ class ClipLoader:
         d["clips"] = d["samples"] * self.spec.clip.repeats
         d["bad_total"] = bad
         d["bad_ratio"] = bad / max(1, bad + d["samples"])
-        d["buffers"] = self._buffers  # since this loader was made, not restored: a memory figure
+        d["batches_allocated"] = self._batches_allocated  # new clip batches, not reused ones
         d["epoch"] = min(e for e, _ in self._positions)
         return d
 
@@ -278,7 +279,7 @@ class ClipLoader:
 
 
 class _Lease:
-    """Numpy's view of a clip batch's memory; `on_release` runs when the last tensor on it dies.
+    """What numpy reads a clip batch's memory through; `on_release` runs when the last tensor on it dies.
 
     Tensors made with `torch.from_numpy` keep their array, and the array this object, alive through
     any view, slice or storage reference, so the release cannot come while anything can still read it.

@@ -15,9 +15,10 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -62,7 +63,7 @@ class StreamStats:
 
     samples: int = 0  # good videos
     decoded: int = 0  # videos handed to the decoder (fast-forward must add none)
-    buffers: int = 0  # clip batches allocated (not reused from the BatchPool)
+    batches_allocated: int = 0  # new clip batches (not reused by the BatchPool)
     bad: Counter = field(default_factory=Counter)
     info: Counter = field(default_factory=Counter)  # notable but usable (short-video policies)
     examples: dict = field(default_factory=dict)  # reason -> "shard/key: detail" (first seen)
@@ -76,14 +77,25 @@ class StreamStats:
         out = {
             "samples": self.samples,
             "decoded": self.decoded,
-            "buffers": self.buffers,
+            "batches_allocated": self.batches_allocated,
             "bad": dict(self.bad),
             "info": dict(self.info),
             "examples": dict(self.examples),
         }
-        self.samples, self.decoded, self.buffers = 0, 0, 0
+        self.samples, self.decoded, self.batches_allocated = 0, 0, 0
         self.bad, self.info, self.examples = Counter(), Counter(), {}
         return out
+
+
+@dataclass(frozen=True)
+class BatchReturns:
+    """The way back for batches the trainer let go of: `queues[w]` carries logical worker w's batch
+    ids (a `queue.SimpleQueue` in process, a multiprocessing `SimpleQueue` across processes); each
+    worker keeps at most `keep` batches for reuse. Made anew for every DataLoader: ids are only
+    meaningful to the one `BatchPool` per worker that handed them out."""
+
+    queues: Sequence[Any]
+    keep: int
 
 
 class BatchPool:
@@ -95,23 +107,25 @@ class BatchPool:
     none free, a new batch is made, and kept for reuse while fewer than `keep` are.
     """
 
-    def __init__(self, make: Callable[[], torch.Tensor], returns, keep: int):
-        self.make, self.returns, self.keep = make, returns, keep  # returns: a queue of ids, or None
+    def __init__(self, make: Callable[[], torch.Tensor], returns: Any | None, keep: int):
+        self.make, self.returns, self.keep = make, returns, keep  # returns: this worker's id queue
         self.batches: list[torch.Tensor] = []
         self.free: list[int] = []
+        self.allocated = 0  # new batches made, kept or not
 
-    def take(self) -> tuple[torch.Tensor, int, bool]:
-        """(batch, id or -1 when it is not kept, whether it was newly allocated)."""
+    def take(self) -> tuple[torch.Tensor, int]:
+        """A batch to write and its id, -1 for a batch that is not kept (nothing comes back for it)."""
         while self.returns is not None and not self.returns.empty():
             self.free.append(self.returns.get())
         if self.free:
             i = self.free.pop()
-            return self.batches[i], i, False
+            return self.batches[i], i
         batch = self.make()
+        self.allocated += 1
         if self.returns is None or len(self.batches) >= self.keep:
-            return batch, -1, True
+            return batch, -1
         self.batches.append(batch)
-        return batch, len(self.batches) - 1, True
+        return batch, len(self.batches) - 1
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -143,8 +157,7 @@ class ClipStream(IterableDataset):
 
     DataLoader worker `p` plays logical worker `(p + worker_offset) % workers`, so a loader resumed
     after a batch of worker 1 starts with worker 1's stream and batches keep their order.
-    `returns[w]`: the queue on which logical worker w gets back the ids of its batches that the
-    trainer let go of (see `BatchPool`); None: every batch is new.
+    `returns`: how the trainer gives batches back for reuse (`BatchReturns`); None: every batch is new.
     """
 
     def __init__(
@@ -152,12 +165,10 @@ class ClipStream(IterableDataset):
         spec: StreamSpec,
         start: list[tuple[int, int]],
         worker_offset: int = 0,
-        returns: list | None = None,
-        keep: int = 0,
+        returns: BatchReturns | None = None,
     ):
         super().__init__()
-        self.spec, self.start, self.worker_offset = spec, start, worker_offset
-        self.returns, self.keep = returns, keep
+        self.spec, self.start, self.worker_offset, self.returns = spec, start, worker_offset, returns
 
     # -- which raw items a slot sees in an epoch ------------------------------------------------
     def epoch_items(self, slot: int, epoch: int) -> Iterator[Item]:
@@ -230,10 +241,10 @@ class ClipStream(IterableDataset):
         clip = spec.clip
         pool = BatchPool(
             lambda: empty_clips(spec.batch_size * clip.repeats, clip, shared=info is not None),
-            None if self.returns is None else self.returns[worker],
-            self.keep,
+            None if self.returns is None else self.returns.queues[worker],
+            0 if self.returns is None else self.returns.keep,
         )
-        batch, buffer, new = pool.take()
+        batch, buffer = pool.take()
         filled, keys, labels, first_epoch = 0, [], [], None
         while True:
             consumed, good = skip, 0
@@ -249,7 +260,7 @@ class ClipStream(IterableDataset):
                 keys += [item.raw.key] * clip.repeats
                 labels += [label] * clip.repeats
                 if filled == spec.batch_size:
-                    stats.buffers += new
+                    stats.batches_allocated, pool.allocated = pool.allocated, 0
                     yield {
                         "clips": batch,  # (B*R, C, T, H, W) uint8
                         "keys": keys,
@@ -260,7 +271,7 @@ class ClipStream(IterableDataset):
                         "_position": (epoch, consumed),
                         "_stats": stats.pop(),
                     }
-                    batch, buffer, new = pool.take()
+                    batch, buffer = pool.take()
                     filled, keys, labels, first_epoch = 0, [], [], None
             if skip == 0 and good == 0:
                 raise BadDataError(

@@ -103,12 +103,9 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{metrics.get('loss', float('nan')):.4f}",
-                lr=f"{metrics.get('lr', 0):.2e}",
-                refresh=False,
-            )
+        if self.bar is not None and "loss" in metrics:  # not for event records (no loss yet: no "nan")
+            loss, lr = metrics["loss"], metrics.get("lr", 0)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
