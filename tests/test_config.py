@@ -106,3 +106,18 @@ def test_unknown_preset_and_missing_yaml(tmp_path):
         Config.load("vit_xl")
     with pytest.raises(ConfigError, match="no such file"):
         Config.load(str(tmp_path / "missing.yaml"))
+
+
+def test_choice_lists_match_the_components():
+    """config.py keeps its own copies of the components' choice lists (it imports no torch, so a bad
+    config fails at once); a choice added on one side only would be refused, or reach a component
+    that refuses it, so they must stay equal."""
+    from mae_scale import config
+    from mae_scale.data import transforms
+    from mae_scale.model import attention, masking, presets
+
+    assert config.MASK_TYPES == masking.MASK_TYPES
+    assert config.ATTENTION_BACKENDS == attention.BACKENDS
+    assert set(config.MODEL_PRESETS) == set(presets.ARCHS)
+    assert config.SHORT_VIDEO_POLICIES == transforms.SHORT_VIDEO_POLICIES
+    assert config.REPEAT_SPANS == transforms.REPEAT_SPANS
