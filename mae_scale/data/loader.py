@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from mae_scale.data.decode import VideoLimits
 from mae_scale.data.shards import MAX_MEMBER_BYTES, read_manifest
 from mae_scale.data.stream import BadDataError, BatchReturns, ClipStream, ShardRef, StreamSpec, stable_seed
-from mae_scale.data.transforms import ClipSpec
+from mae_scale.data.transforms import ClipSpec, clip_pixels
 
 __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
 
@@ -300,11 +300,7 @@ class _Lease:
 
 def _leased(clips: torch.Tensor, on_release: Callable[[], None]) -> torch.Tensor:
     """The same clips (B*R, C, T, H, W), on the same memory, as a tensor whose death calls `on_release`."""
-    pixels = clips.permute(0, 2, 3, 4, 1)  # (B*R, T, H, W, C): the memory order
-    if not pixels.is_contiguous() or pixels.dtype != torch.uint8:
-        raise ValueError(
-            f"clip batch must be channels-last uint8, got {clips.dtype}, strides {clips.stride()}"
-        )
+    pixels = clip_pixels(clips, "clip batch")  # (B*R, T, H, W, C): the memory order
     return torch.from_numpy(np.asarray(_Lease(pixels, on_release))).permute(0, 4, 1, 2, 3)
 
 

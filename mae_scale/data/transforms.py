@@ -150,6 +150,18 @@ def empty_clips(n: int, spec: ClipSpec, shared: bool = False) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).new(storage).view(shape).permute(0, 4, 1, 2, 3)
 
 
+def clip_pixels(clips: torch.Tensor, name: str = "clips") -> torch.Tensor:
+    """The (n, T, H, W, C) view of uint8 (n, C, T, H, W) clips laid out as `empty_clips` makes them:
+    their memory in order, for code that writes or maps it directly. Any other layout is refused,
+    since such code would misread it."""
+    if clips.dtype != torch.uint8 or clips.dim() != 5 or not clips.permute(0, 2, 3, 4, 1).is_contiguous():
+        raise ValueError(
+            f"{name} must be channels-last uint8 (n, C, T, H, W) as empty_clips makes it, got "
+            f"{clips.dtype} {tuple(clips.shape)} with strides {clips.stride()}"
+        )
+    return clips.permute(0, 2, 3, 4, 1)
+
+
 def make_clips(
     frames: Sequence[np.ndarray],
     clips: list[list[int]],
@@ -167,13 +179,11 @@ def make_clips(
     height, width = frames[0].shape[:2]
     if out is None:
         out = empty_clips(len(clips), spec)
-    pixels = out.permute(0, 2, 3, 4, 1).numpy()  # (R, T, size, size, C): out's memory, not a copy
-    if (
-        pixels.shape != (len(clips), spec.num_frames, spec.size, spec.size, 3)
-        or not pixels.flags.c_contiguous
-    ):
+    pixels = clip_pixels(out, "out").numpy()  # (R, T, size, size, C): out's memory, not a copy
+    if pixels.shape != (len(clips), spec.num_frames, spec.size, spec.size, 3):
         raise ValueError(
-            f"out must be channels-last (R, C, T, H, W) as empty_clips makes it, got {out.shape}"
+            f"out must hold {len(clips)} clips of {spec.num_frames} x {spec.size} x {spec.size}, "
+            f"got {tuple(out.shape)}"
         )
     for r, clip in enumerate(clips):
         top, left, h, w = random_resized_crop(height, width, spec.crop_scale, spec.crop_aspect, rng)
