@@ -60,7 +60,7 @@ class DataConfig:
     stride: int = 4  # temporal sampling stride in frames
     size: int = 224  # crop side in pixels
     repeats: int = 4  # clips per decoded video (repeated sampling)
-    repeat_span: str = "video"  # R clips at independent times | "clip": one window decoded once, R crops
+    repeat_span: str = "clip"  # one window decoded, R crops of it | "video": R independent times (mae_st)
     workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 64  # samples in the shuffle buffer per worker
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop relative area

@@ -100,7 +100,7 @@ def test_output_size_even_and_capped():
 
 def test_plan_clips_policies():
     rng = random.Random(0)
-    spec = ClipSpec(num_frames=4, stride=3, repeats=5)  # span 10
+    spec = ClipSpec(num_frames=4, stride=3, repeats=5, repeat_span="video")  # span 10
     clips, note = plan_clips(40, spec, rng)
     assert note is None and len(clips) == 5
     assert all(c == list(range(c[0], c[0] + 10, 3)) and c[-1] < 40 for c in clips)
@@ -115,7 +115,7 @@ def test_plan_clips_policies():
 
 
 def test_plan_clips_repeat_span():
-    video = ClipSpec(num_frames=4, stride=3, repeats=4)  # span 10
+    video = ClipSpec(num_frames=4, stride=3, repeats=4, repeat_span="video")  # span 10
     clip = ClipSpec(num_frames=4, stride=3, repeats=4, repeat_span="clip")
     plans = [plan_clips(100, video, random.Random(s))[0] for s in range(5)]
     assert any(len({c[0] for c in p}) > 1 for p in plans)  # "video": independent starts

@@ -196,6 +196,20 @@ def test_repeat_span_clip_decodes_one_window_per_video(synthetic_shards, monkeyp
     assert len(wanted) == 2 and all(w == list(range(w[0], w[0] + 7, 2)) for w in wanted)  # T frames each
 
 
+def test_repeat_span_video_decodes_independent_windows(synthetic_shards, monkeypatch):
+    wanted = []
+    real = stream_module.decode_frames
+    monkeypatch.setattr(
+        stream_module, "decode_frames", lambda d, w, *a: wanted.append(list(w)) or real(d, w, *a)
+    )
+    loader = build_loader(
+        cfg(synthetic_shards, workers=0, repeats=3, repeat_span="video"), batch_size=4, seed=0
+    )
+    batch = next(iter(loader))
+    assert batch["clips"].shape == (12, 3, 4, 32, 32)
+    assert len(wanted) == 4 and any(len(w) > 4 for w in wanted)  # the union of 3 clips' frames
+
+
 def test_state_is_json_and_mismatches_are_named(synthetic_shards):
     import json
 

