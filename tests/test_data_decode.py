@@ -108,7 +108,9 @@ def test_plan_clips_policies():
     assert note == "short_stride" and all(c == [0, 2, 4, 6] for c in clips)
     with pytest.raises(BadVideo, match="too_few_frames"):
         plan_clips(3, spec, rng)  # fewer frames than T
-    clips, note = plan_clips(5, ClipSpec(num_frames=4, stride=3, short_video="loop"), rng)
+    clips, note = plan_clips(
+        5, ClipSpec(num_frames=4, stride=3, short_video="loop", repeat_span="video"), rng
+    )
     assert note == "short_loop" and all(c == [(c[0] + 3 * i) % 5 for i in range(4)] for c in clips)
     with pytest.raises(BadVideo, match="too_few_frames"):
         plan_clips(7, ClipSpec(num_frames=4, stride=3, short_video="skip"), rng)

@@ -148,9 +148,9 @@ def test_a_batch_from_an_earlier_iteration_never_returns_to_new_workers(demo_sha
     assert all(torch.equal(a, b) for a, b in zip(held, copies, strict=True))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(synthetic_shards, workers):
-    config = cfg(synthetic_shards, workers=workers)
+@pytest.mark.parametrize("workers, span", [(0, "clip"), (2, "clip"), (2, "video")])
+def test_resume_is_exact(synthetic_shards, workers, span):
+    config = cfg(synthetic_shards, workers=workers, repeat_span=span)
     straight = build_loader(config, batch_size=3, seed=1, rank=0, world_size=1)
     it = iter(straight)
     head = [next(it) for _ in range(3)]  # 9 of 10 samples (+ R clips each): the next batch crosses an epoch

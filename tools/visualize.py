@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--shards", default=None, help="shards to draw clips from (default: the run's data.shards)"
     )
-    p.add_argument("--clips", type=int, default=4)
+    p.add_argument("--clips", type=int, default=4, help="clips to draw, one per video")
     p.add_argument("--seed", type=int, default=0, help="seed of the clips and of the mask")
     p.add_argument("--out", default=None, help="PNG path")
     args = p.parse_args(argv)
@@ -60,12 +60,10 @@ def main(argv=None) -> int:
     if args.shards:
         cfg.data.shards = args.shards
     cfg.data.workers = 0
-    clips_per_video = cfg.data.repeats
-    loader = build_loader(
-        cfg.data, batch_size=max(1, -(-args.clips // clips_per_video)), seed=args.seed, rank=0, world_size=1
-    )
+    loader = build_loader(cfg.data, batch_size=args.clips, seed=args.seed, rank=0, world_size=1)
     batch = next(iter(loader))
-    imgs = normalize_clips(batch["clips"][: args.clips], cfg.data.mean, cfg.data.std, torch.float32)
+    one_per_video = batch["clips"][:: cfg.data.repeats]  # (clips, C, T, H, W): the first of each video's R
+    imgs = normalize_clips(one_per_video, cfg.data.mean, cfg.data.std, torch.float32)
     picture = reconstruct(model, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=args.seed)
     out = save_png(picture, args.out or default_out)
     print(out)
