@@ -113,7 +113,7 @@ def test_choice_lists_match_the_components():
     config fails at once); a choice added on one side only would be refused, or reach a component
     that refuses it, so they must stay equal."""
     from mae_scale import config
-    from mae_scale.data import transforms
+    from mae_scale.data import loader, transforms
     from mae_scale.model import attention, masking, presets
 
     assert config.MASK_TYPES == masking.MASK_TYPES
@@ -121,3 +121,4 @@ def test_choice_lists_match_the_components():
     assert set(config.MODEL_PRESETS) == set(presets.ARCHS)
     assert config.SHORT_VIDEO_POLICIES == transforms.SHORT_VIDEO_POLICIES
     assert config.REPEAT_SPANS == transforms.REPEAT_SPANS
+    assert config.RESHARD_POLICIES == loader.RESHARD_POLICIES

@@ -30,6 +30,16 @@ def take(loader, n: int) -> list[dict]:
     return [b for _, b in zip(range(n), loader, strict=False)]
 
 
+def record_decodes(monkeypatch) -> list[list[int]]:
+    """From now on, the frame indices of every `decode_frames` call the stream makes (in process)."""
+    wanted: list[list[int]] = []
+    real = stream_module.decode_frames
+    monkeypatch.setattr(
+        stream_module, "decode_frames", lambda d, w, *a: wanted.append(list(w)) or real(d, w, *a)
+    )
+    return wanted
+
+
 def epoch_keys(loader, rank: int, world: int, workers: int, epoch: int) -> list[str]:
     """Keys one rank's streams give in `epoch`, read from the stream stage (tar reads, no decoding)."""
     dataset = ClipStream(loader.spec, [(0, 0)] * workers)
@@ -172,9 +182,7 @@ def test_fast_forward_decodes_nothing(synthetic_shards, monkeypatch):
     original = build_loader(config, batch_size=2, seed=0, rank=0, world_size=1)
     take(original, 4)
     state = original.state_dict()
-    calls = []
-    real = stream_module.decode_frames
-    monkeypatch.setattr(stream_module, "decode_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = record_decodes(monkeypatch)
     resumed = build_loader(config, batch_size=2, seed=0, rank=0, world_size=1)
     resumed.load_state_dict(state)
     take(resumed, 1)
@@ -182,11 +190,7 @@ def test_fast_forward_decodes_nothing(synthetic_shards, monkeypatch):
 
 
 def test_repeat_span_clip_decodes_one_window_per_video(synthetic_shards, monkeypatch):
-    wanted = []
-    real = stream_module.decode_frames
-    monkeypatch.setattr(
-        stream_module, "decode_frames", lambda d, w, *a: wanted.append(list(w)) or real(d, w, *a)
-    )
+    wanted = record_decodes(monkeypatch)
     loader = build_loader(
         cfg(synthetic_shards, workers=0, repeats=3, repeat_span="clip"), batch_size=2, seed=0
     )
@@ -197,11 +201,7 @@ def test_repeat_span_clip_decodes_one_window_per_video(synthetic_shards, monkeyp
 
 
 def test_repeat_span_video_decodes_independent_windows(synthetic_shards, monkeypatch):
-    wanted = []
-    real = stream_module.decode_frames
-    monkeypatch.setattr(
-        stream_module, "decode_frames", lambda d, w, *a: wanted.append(list(w)) or real(d, w, *a)
-    )
+    wanted = record_decodes(monkeypatch)
     loader = build_loader(
         cfg(synthetic_shards, workers=0, repeats=3, repeat_span="video"), batch_size=4, seed=0
     )

@@ -59,11 +59,10 @@ def main(argv=None) -> int:
         default_out = path / f"reconstruction_{tag}.png"
     if args.shards:
         cfg.data.shards = args.shards
-    cfg.data.workers = 0
+    cfg.data.workers, cfg.data.repeats = 0, 1  # one clip per video: R crops of one window look alike
     loader = build_loader(cfg.data, batch_size=args.clips, seed=args.seed, rank=0, world_size=1)
     batch = next(iter(loader))
-    one_per_video = batch["clips"][:: cfg.data.repeats]  # (clips, C, T, H, W): the first of each video's R
-    imgs = normalize_clips(one_per_video, cfg.data.mean, cfg.data.std, torch.float32)
+    imgs = normalize_clips(batch["clips"], cfg.data.mean, cfg.data.std, torch.float32)
     picture = reconstruct(model, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=args.seed)
     out = save_png(picture, args.out or default_out)
     print(out)

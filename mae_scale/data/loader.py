@@ -38,6 +38,7 @@ __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+RESHARD_POLICIES = ("replay", "skip")  # of load_nearest_safe_point (config.py keeps a copy)
 
 
 class DataStateError(ValueError):
