@@ -72,12 +72,16 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 def reconstruct(
     model: torch.nn.Module, imgs: torch.Tensor, kwargs: dict, mean, std, seed: int = 0
 ) -> np.ndarray:
-    """Run `model` on normalized clips with a seeded mask and draw the grid (collective under ZeRO-3)."""
+    """Run `model` on normalized clips with a seeded mask and draw the grid (collective under ZeRO-3).
+
+    The decoder runs without its own mask (`decoder_mask_ratio=0`), so every patch is reconstructed
+    also for a model trained with dual masking.
+    """
     was_training = model.training
     model.eval()
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    _, pred, mask = model(imgs)
+    _, pred, mask = model(imgs, decoder_mask_ratio=0.0)
     torch.random.set_rng_state(gen_state)
     model.train(was_training)
     return reconstruction_grid(

@@ -1,4 +1,5 @@
-"""MAE-ST model: masking, loss semantics, patches, attention kernels, checkpointing, init, sizes."""
+"""MAE-ST model: masking, dual masking, loss semantics, patches, attention kernels, checkpointing,
+init, sizes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from mae_scale.model.blocks import Attention, Block
 from mae_scale.model.checkpointing import apply_activation_checkpointing, is_checkpointed
 from mae_scale.model.flops import count_params, forward_flops, train_step_flops
 from mae_scale.model.mae import MaskedAutoencoderViT, init_module_
-from mae_scale.model.masking import cube_shape, make_mask, num_units, num_visible
+from mae_scale.model.masking import (
+    cube_shape,
+    make_decoder_mask,
+    make_mask,
+    num_units,
+    num_visible,
+    running_cell_drops,
+)
 from mae_scale.model.patches import patchify, target_frame_indices, unpatchify
 from mae_scale.model.presets import ARCHS
 
@@ -32,6 +40,19 @@ def tiny(**overrides) -> MaskedAutoencoderViT:
 
 def clips(batch: int = 2, frames: int = 8, size: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_noise(model: MaskedAutoencoderViT, batch: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Noise that fixes both the encoder's mask and the decoder's (ignored when dual masking is off)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "noise": torch.rand(batch, model.mask_units(), generator=g),
+        "decoder_noise": torch.rand(batch, model.decoder_mask_units(), generator=g),
+    }
+
+
+DUAL = [{}, {"decoder_mask_ratio": 0.5}]  # the MAE-ST model, and dual masking (running cell) on
+DUAL_IDS = ["mae_st", "dual"]
 
 
 # --- masking -------------------------------------------------------------------------------------
@@ -189,6 +210,184 @@ def test_target_uses_only_linspace_frames():
     assert torch.equal(pred_u, pred) and torch.equal(loss_u, loss)
 
 
+# --- dual masking (VideoMAE V2): the decoder drops some masked tokens ----------------------------
+
+
+@pytest.mark.parametrize("cls_embed", [True, False])
+def test_decoder_mask_ratio_zero_is_the_mae_st_model(cls_embed):
+    """0, the default, is the model of before dual masking: its three-call forward (encoder, decoder
+    on every token, loss on every masked token), bit for bit in loss, outputs and every gradient, and
+    it draws no random numbers but the encoder's noise. (test_model_reference pins that forward to
+    mae_st's.) A dual-masking model told `decoder_mask_ratio=0` gives the same numbers again."""
+    model = tiny(mask_ratio=0.75, cls_embed=cls_embed)
+    assert (model.decoder_mask_ratio, model.decoder_mask_type) == (0.0, "running_cell")
+    imgs = clips()
+
+    def run(m, **kwargs):
+        m.zero_grad()
+        torch.manual_seed(7)
+        loss, pred, mask = m(imgs, **kwargs)
+        loss.backward()
+        after = torch.rand(4)  # where the RNG stream stands after the forward
+        return loss, pred, mask, after, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    def three_calls(m):
+        m.zero_grad()
+        torch.manual_seed(7)
+        latent, mask, ids_restore = m.forward_encoder(imgs, 0.75)
+        pred = m.forward_decoder(latent, ids_restore)
+        loss = m.forward_loss(imgs, pred, mask)
+        loss.backward()
+        after = torch.rand(4)
+        return loss, pred, mask, after, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    torch.manual_seed(7)
+    torch.rand(2, model.mask_units())  # the encoder's noise, the only draw
+    expected_after = torch.rand(4)
+    reference = three_calls(model)
+    dual = tiny(mask_ratio=0.75, cls_embed=cls_embed, decoder_mask_ratio=0.5)
+    for got in (run(model), run(dual, decoder_mask_ratio=0.0)):
+        for a, b in zip(got[:4], reference[:4], strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(got[3], expected_after)
+        assert got[4].keys() == reference[4].keys()
+        assert all(torch.equal(got[4][n], reference[4][n]) for n in got[4])
+    assert not torch.equal(run(dual)[0], reference[0])  # on, it is another loss
+
+
+# Per sample on the (4, 4, 4) grid, N = 64: visible, dropped by the decoder (int(64 * ratio)), kept masked.
+EXPECTED_DUAL = {
+    ("random", 0.75, "running_cell", 0.5): (16, 32, 16),
+    ("tube", 0.75, "random", 0.5): (16, 32, 16),
+    ("frame", 0.5, "running_cell", 0.25): (32, 16, 16),
+    ("cube", 0.5, "random", 0.25): (32, 16, 16),
+    ("random", 0.9, "running_cell", 0.75): (6, 48, 10),
+}
+
+
+@pytest.mark.parametrize(("mask_type", "ratio", "dec_type", "dec_ratio"), list(EXPECTED_DUAL))
+def test_dual_masking_shapes_and_counts(mask_type, ratio, dec_type, dec_ratio):
+    visible, dropped, kept = EXPECTED_DUAL[(mask_type, ratio, dec_type, dec_ratio)]
+    dual = dict(decoder_mask_type=dec_type, decoder_mask_ratio=dec_ratio)
+    model = tiny(mask_type=mask_type, mask_ratio=ratio, **dual)
+    noise = fixed_noise(model, batch=3)
+    loss, pred, mask = model(clips(batch=3), **noise)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert pred.shape == (3, 64, 768) and mask.shape == (3, 64)
+    assert (mask == 0).sum(dim=1).tolist() == [visible] * 3  # `mask` stays the encoder's
+    dec = model.decoder_masking(mask, visible, dec_ratio, noise["decoder_noise"])
+    assert dec.ids_decode.shape == (3, visible + kept)
+    assert dec.loss_mask.sum(dim=1).tolist() == [kept] * 3
+    decoded = (pred != 0).any(dim=-1)  # (B, N): the rows the decoder predicted, the others are zero
+    assert decoded.sum(dim=1).tolist() == [visible + kept] * 3
+    assert torch.equal(decoded, torch.zeros_like(decoded).scatter(1, dec.ids_decode, True))
+    assert (decoded | mask.bool()).all()  # every visible token is decoded
+    assert 64 - decoded.sum(dim=1).tolist()[0] == dropped
+
+
+@pytest.mark.parametrize("dec_type", ["running_cell", "random"])
+def test_dual_masking_loss_counts_only_kept_masked_targets(dec_type):
+    """Fixed masks: a dropped patch's pixels move nothing; a kept masked patch's move the loss only."""
+    model = tiny(mask_ratio=0.5, decoder_mask_ratio=0.25, decoder_mask_type=dec_type)
+    imgs, noise = clips(), fixed_noise(model)
+    loss, pred, mask = model(imgs, **noise)
+    dec = model.decoder_masking(mask, 32, 0.25, noise["decoder_noise"])
+    kept = dec.loss_mask.bool()
+    dropped = mask.bool() & ~kept
+    assert kept[0].any() and dropped[0].any()
+    loss_d, pred_d, _ = model(_perturb(imgs, _patch_pixels(dropped[0], want_masked=True)), **noise)
+    assert torch.equal(loss_d, loss) and torch.equal(pred_d, pred)
+    loss_k, pred_k, _ = model(_perturb(imgs, _patch_pixels(kept[0], want_masked=True)), **noise)
+    assert torch.equal(pred_k, pred)  # masked: never the encoder's input
+    assert not torch.allclose(loss_k, loss)
+
+
+def test_running_cell_pattern_moves_one_place_per_time_slice():
+    """VideoMAE V2's pattern on one 2x2 cell per slice (places in raster order: 0 1 / 2 3), written
+    out: the dropped places turn by one place per time slice; phase 1 is phase 0 one slice later."""
+    drops = running_cell_drops((4, 2, 2), 0.5, torch.tensor([0, 1])).view(2, 4, 4).int()  # (B, t, place)
+    assert drops[0].tolist() == [[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 0]]
+    assert drops[1].tolist() == [[1, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 0]]
+    quarter = running_cell_drops((4, 2, 2), 0.25, torch.tensor([0])).view(4, 4).int()
+    assert quarter.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0]]
+    three = running_cell_drops((4, 2, 2), 0.75, torch.tensor([0])).view(4, 4).int()
+    assert three.tolist() == [[1, 1, 1, 0], [1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]]
+    # larger grids tile the same cell; odd sides end in partial cells
+    big = running_cell_drops((4, 4, 6), 0.5, torch.tensor([2])).view(4, 2, 2, 3, 2)  # (t, ch, 2, cw, 2)
+    cell = running_cell_drops((4, 2, 2), 0.5, torch.tensor([2])).view(4, 1, 2, 1, 2)
+    assert torch.equal(big, cell.expand_as(big))
+    odd = running_cell_drops((4, 3, 5), 0.5, torch.tensor([2])).view(4, 3, 5)
+    assert torch.equal(odd, big.reshape(4, 4, 6)[:, :3, :5])
+
+
+@pytest.mark.parametrize(("dec_type", "grid", "ratio", "dec_ratio"), [
+    ("running_cell", (4, 4, 4), 0.75, 0.5),
+    ("running_cell", (4, 4, 4), 0.5, 0.25),
+    ("running_cell", (2, 3, 3), 0.5, 0.25),  # odd sides: the pattern can drop more than n_drop
+    ("random", (4, 4, 4), 0.75, 0.5),
+])  # fmt: skip
+def test_decoder_mask_follows_its_rule_and_never_drops_a_visible_token(dec_type, grid, ratio, dec_ratio):
+    """The rule restated per sample: drop n_drop masked tokens, those the running-cell pattern drops
+    first, then the other masked ones, by ascending noise within each group; never a visible one."""
+    torch.manual_seed(0)
+    B, N = 64, grid[0] * grid[1] * grid[2]
+    enc = make_mask("random", grid, ratio, B)
+    n_vis, n_drop = num_visible("random", grid, ratio), int(N * dec_ratio)
+    noise = torch.rand(B, N + (dec_type == "running_cell"))
+    dec = make_decoder_mask(dec_type, grid, dec_ratio, enc.mask, n_vis, noise=noise)
+    masked = enc.mask.bool()
+    if dec_type == "running_cell":
+        pattern = running_cell_drops(grid, dec_ratio, (noise[:, N] * 4).long())
+    else:
+        pattern = torch.zeros(B, N, dtype=torch.bool)
+    replaced = 0
+    for b in range(B):
+        ids = masked[b].nonzero().flatten().tolist()
+        ids.sort(key=lambda i: (not pattern[b, i], noise[b, i].item()))
+        dropped = set(ids[:n_drop])
+        kept = sorted(set(range(N)) - dropped)
+        assert dec.ids_decode[b].tolist() == kept
+        assert dec.loss_mask[b].nonzero().flatten().tolist() == sorted(ids[n_drop:])
+        replaced += int((pattern[b] & ~masked[b]).sum())  # pattern drops that hit a visible token
+    assert not (enc.mask.scatter(1, dec.ids_decode, 2.0) == 0).any()  # no visible token dropped
+    if dec_type == "running_cell" and grid == (4, 4, 4):
+        assert replaced > 0  # the replacement rule was exercised
+        dropped_mask = torch.ones(B, N, dtype=torch.bool).scatter(1, dec.ids_decode, False)
+        assert (dropped_mask | ~(pattern & masked)).all()  # every masked token the pattern drops is dropped
+        outside = (dropped_mask & ~pattern).sum(dim=1)
+        assert torch.equal(outside, (pattern & ~masked).sum(dim=1))  # one stand-in per visible one
+    if dec_type == "running_cell":
+        assert len(set((noise[:, N] * 4).long().tolist())) == 4  # every phase was drawn
+
+
+def test_dual_masking_refuses_settings_it_cannot_follow():
+    with pytest.raises(ValueError, match="no masked token would be left to reconstruct"):
+        tiny(mask_ratio=0.75, decoder_mask_ratio=0.75)  # 48 masked, 48 dropped
+    with pytest.raises(ValueError, match=r"must be 0.25, 0.5 or 0.75, got 0.6"):
+        tiny(decoder_mask_ratio=0.6)
+    tiny(decoder_mask_ratio=0.6, decoder_mask_type="random")  # 38 of the 58 masked dropped
+    with pytest.raises(ValueError, match="decoder_mask_type 'cell' is not one of running_cell, random"):
+        tiny(decoder_mask_ratio=0.5, decoder_mask_type="cell")
+    with pytest.raises(ValueError, match=r"decoder_mask_ratio 1.0 is outside \[0, 1\)"):
+        tiny(decoder_mask_ratio=1.0)
+    model = tiny(mask_ratio=0.75, decoder_mask_ratio=0.5)
+    with pytest.raises(ValueError, match="no masked token would be left"):
+        model(clips(), decoder_mask_ratio=0.75)  # a call's override is checked too
+    with pytest.raises(ValueError, match=r"must have shape \(B, U_dec\) = \(2, 65\)"):
+        model(clips(), decoder_noise=torch.rand(2, 64))
+
+
+def test_pictures_decode_every_patch_of_a_dual_masking_model():
+    """viz.reconstruct (training pictures, tools/visualize.py) runs the decoder without its mask."""
+    from mae_scale.viz import reconstruct
+
+    plain, dual = tiny(mask_ratio=0.75), tiny(mask_ratio=0.75, decoder_mask_ratio=0.5)  # same weights
+    kwargs = dict(patch_size=16, t_patch_size=2, pred_t_dim=4, norm_pix_loss=True)
+    mean, std = (0.45,) * 3, (0.225,) * 3
+    picture = reconstruct(plain, clips(), kwargs, mean, std, seed=0)
+    assert (reconstruct(dual, clips(), kwargs, mean, std, seed=0) == picture).all()
+
+
 # --- patches -------------------------------------------------------------------------------------
 
 
@@ -231,19 +430,20 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def test_sdpa_matches_math_attention(monkeypatch):
+@pytest.mark.parametrize("dual", DUAL, ids=DUAL_IDS)
+def test_sdpa_matches_math_attention(monkeypatch, dual):
     """Same weights and mask: the kernels agree to 1e-5 (fp32 rounding of different summation orders)."""
-    model = tiny(attention="sdpa")
+    model = tiny(attention="sdpa", **dual)
     blocks = len(model.blocks) + len(model.decoder_blocks)
     calls = count_kernel_calls(monkeypatch)
-    imgs, noise = clips(), torch.rand(2, 64)
-    loss_s, pred_s, _ = model(imgs, noise=noise)
+    imgs, noise = clips(), fixed_noise(model)
+    loss_s, pred_s, _ = model(imgs, **noise)
     loss_s.backward()
     assert calls == {"math": 0, "sdpa": blocks}
     grads_s = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.set_attention("math")
-    loss_m, pred_m, _ = model(imgs, noise=noise)
+    loss_m, pred_m, _ = model(imgs, **noise)
     loss_m.backward()
     assert calls == {"math": blocks, "sdpa": blocks}  # the switch took effect in every block
     torch.testing.assert_close(pred_m, pred_s, atol=1e-5, rtol=1e-5)
@@ -270,24 +470,26 @@ def test_forcing_xformers_fails_clearly_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs a CUDA device")
 @pytest.mark.skipif(not attn_mod.xformers_available(), reason="xformers is not installed")
-def test_xformers_matches_sdpa_on_cuda():
-    model = tiny(attention="xformers").cuda()
-    imgs, noise = clips().cuda(), torch.rand(2, 64, device="cuda")
+@pytest.mark.parametrize("dual", DUAL, ids=DUAL_IDS)
+def test_xformers_matches_sdpa_on_cuda(dual):
+    model = tiny(attention="xformers", **dual).cuda()
+    imgs, noise = clips().cuda(), {k: v.cuda() for k, v in fixed_noise(model).items()}
     assert model.attention_backend() == "xformers"
-    loss_x, pred_x, _ = model(imgs, noise=noise)
+    loss_x, pred_x, _ = model(imgs, **noise)
     model.set_attention("sdpa")
     assert all(m.backend == "sdpa" for m in model.modules() if isinstance(m, Attention))
-    loss_s, pred_s, _ = model(imgs, noise=noise)
+    loss_s, pred_s, _ = model(imgs, **noise)
     torch.testing.assert_close(pred_x, pred_s, atol=1e-3, rtol=1e-3)  # TF32 and kernel differences
     torch.testing.assert_close(loss_x, loss_s, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dual", DUAL, ids=DUAL_IDS)
 @pytest.mark.parametrize("every", [1, 2])
-def test_activation_checkpointing_same_loss_and_grads(every, monkeypatch):
-    model = tiny(depth=3, decoder_depth=2)
-    imgs, noise = clips(), torch.rand(2, 64)
+def test_activation_checkpointing_same_loss_and_grads(every, monkeypatch, dual):
+    model = tiny(depth=3, decoder_depth=2, **dual)
+    imgs, noise = clips(), fixed_noise(model)
     keys = list(model.state_dict())
-    loss, _, _ = model(imgs, noise=noise)
+    loss, _, _ = model(imgs, **noise)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -300,7 +502,7 @@ def test_activation_checkpointing_same_loss_and_grads(every, monkeypatch):
     runs = []  # block forwards: a checkpointed block runs again in backward, to recompute
     block_forward = Block.forward
     monkeypatch.setattr(Block, "forward", lambda self, *a: runs.append(1) or block_forward(self, *a))
-    loss_c, _, _ = model(imgs, noise=noise)
+    loss_c, _, _ = model(imgs, **noise)
     loss_c.backward()
     assert len(runs) == 5 + len(chosen)
     monkeypatch.undo()
@@ -311,7 +513,7 @@ def test_activation_checkpointing_same_loss_and_grads(every, monkeypatch):
     twin = copy.deepcopy(model)  # the checkpointed forward must run the copy's own weights
     with torch.no_grad():
         twin.decoder_pred.bias.add_(1.0)
-    assert not torch.allclose(twin(imgs, noise=noise)[1], model(imgs, noise=noise)[1])
+    assert not torch.allclose(twin(imgs, **noise)[1], model(imgs, **noise)[1])
     assert apply_activation_checkpointing(model, 0) == []
     assert not any(is_checkpointed(b) for b in [*model.blocks, *model.decoder_blocks])
 
@@ -338,8 +540,11 @@ def test_preset_parameter_counts_on_meta():
     assert count_params(model)["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_every_parameter_gets_a_gradient():
-    model = tiny(mask_type="tube", mask_ratio=0.75)
+@pytest.mark.parametrize(
+    "dual", [{}, {"decoder_mask_ratio": 0.5}, {"decoder_mask_ratio": 0.5, "decoder_mask_type": "random"}]
+)
+def test_every_parameter_gets_a_gradient(dual):
+    model = tiny(mask_type="tube", mask_ratio=0.75, **dual)
     loss, _, _ = model(clips())
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -386,13 +591,25 @@ def test_init_module_touches_only_its_own_parameters():
 # --- flops, precision, bad input -----------------------------------------------------------------
 
 
-def test_forward_flops_match_torch_flop_counter():
-    """The analytic count equals PyTorch's FlopCounterMode on the readable attention path."""
-    model = tiny(attention="math", mask_ratio=0.75)
+@pytest.mark.parametrize(
+    ("decoder_mask_ratio", "decoder_mask_type", "cls_embed"),
+    [(0.0, "running_cell", True), (0.5, "running_cell", True), (0.25, "running_cell", False),
+     (0.5, "random", True), (0.25, "random", False)],
+)  # fmt: skip
+def test_forward_flops_match_torch_flop_counter(decoder_mask_ratio, decoder_mask_type, cls_embed):
+    """The analytic count equals PyTorch's FlopCounterMode on the readable attention path, with dual
+    masking too (and a dual-masking model told to decode every patch counts as the full decoder)."""
+    dual = dict(decoder_mask_ratio=decoder_mask_ratio, decoder_mask_type=decoder_mask_type)
+    model = tiny(attention="math", mask_ratio=0.75, cls_embed=cls_embed, **dual)
     counter = FlopCounterMode(display=False)
     with counter:
         model(clips(batch=2))
     assert counter.get_total_flops() == 2 * forward_flops(model)["total"]
+    with counter:
+        model(clips(batch=2), decoder_mask_ratio=0.0)
+    assert counter.get_total_flops() == 2 * forward_flops(model, decoder_mask_ratio=0.0)["total"]
+    full = forward_flops(model, decoder_mask_ratio=0.0)
+    assert (forward_flops(model)["decoder"] < full["decoder"]) == (decoder_mask_ratio > 0)
     assert train_step_flops(model.config, batch_size=2) == 3 * 2 * forward_flops(model)["total"]
     assert train_step_flops("vit_l") == 3 * forward_flops("vit_l")["total"]
 

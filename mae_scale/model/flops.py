@@ -9,7 +9,9 @@ model (its `.config` is used); keyword overrides replace single kwargs. For the 
 FLOPs count matrix multiplies as 2*m*n*k (attention scores and the weighted sum included, norms,
 softmax and GELU left out). One forward = patch embedding of every patch + encoder blocks on the
 visible tokens (+ class token) + `decoder_embed` on the visible tokens + decoder blocks and
-`decoder_pred` on all tokens (+ class token). Training = 3 x forward (backward = 2 x forward).
+`decoder_pred` on all tokens (+ class token), or with dual masking (`decoder_mask_ratio` > 0) on the
+N - int(N * decoder_mask_ratio) tokens the decoder keeps (+ class token). Training = 3 x forward
+(backward = 2 x forward).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from mae_scale.model.mae import MaskedAutoencoderViT
-from mae_scale.model.masking import DEFAULT_CUBE, num_visible
+from mae_scale.model.masking import DEFAULT_CUBE, num_decoder_dropped, num_visible
 from mae_scale.model.presets import arch
 
 Spec = str | dict | nn.Module
@@ -76,14 +78,21 @@ def _block_flops(n: int, dim: int, mlp_ratio: float) -> int:
     return projections + attention + mlp
 
 
-def forward_flops(spec: Spec, *, mask_ratio: float | None = None, **overrides: Any) -> dict[str, int]:
-    """FLOPs of one forward pass on ONE clip, by part: patch_embed, encoder, decoder, total."""
+def forward_flops(
+    spec: Spec, *, mask_ratio: float | None = None, decoder_mask_ratio: float | None = None, **overrides: Any
+) -> dict[str, int]:
+    """FLOPs of one forward pass on ONE clip, by part: patch_embed, encoder, decoder, total.
+
+    `mask_ratio` and `decoder_mask_ratio` override the spec's, as they do in the model's forward.
+    """
     k = model_kwargs(spec, **overrides)
     ratio = k["mask_ratio"] if mask_ratio is None else mask_ratio
+    dec_ratio = k["decoder_mask_ratio"] if decoder_mask_ratio is None else decoder_mask_ratio
     p, tp, D, Dd = k["patch_size"], k["t_patch_size"], k["embed_dim"], k["decoder_embed_dim"]
     grid = (k["num_frames"] // tp, k["img_size"] // p, k["img_size"] // p)
     n_all = grid[0] * grid[1] * grid[2]
     n_vis = num_visible(k["mask_type"], grid, ratio, tuple(k.get("mask_cube", DEFAULT_CUBE)))
+    n_dec = n_all - num_decoder_dropped(k["decoder_mask_type"], grid, dec_ratio, n_vis)  # decoder's tokens
     cls = 1 if k["cls_embed"] else 0
     pred_dim = tp * k["pred_t_dim"] // k["num_frames"] * p * p * k["in_chans"]
 
@@ -91,8 +100,8 @@ def forward_flops(spec: Spec, *, mask_ratio: float | None = None, **overrides: A
     encoder = k["depth"] * _block_flops(n_vis + cls, D, k["mlp_ratio"])
     decoder = (
         2 * n_vis * D * Dd  # decoder_embed
-        + k["decoder_depth"] * _block_flops(n_all + cls, Dd, k["mlp_ratio"])
-        + 2 * (n_all + cls) * Dd * pred_dim  # decoder_pred
+        + k["decoder_depth"] * _block_flops(n_dec + cls, Dd, k["mlp_ratio"])
+        + 2 * (n_dec + cls) * Dd * pred_dim  # decoder_pred
     )
     return {
         "patch_embed": patch_embed,
@@ -103,7 +112,13 @@ def forward_flops(spec: Spec, *, mask_ratio: float | None = None, **overrides: A
 
 
 def train_step_flops(
-    spec: Spec, batch_size: int = 1, *, mask_ratio: float | None = None, **overrides: Any
+    spec: Spec,
+    batch_size: int = 1,
+    *,
+    mask_ratio: float | None = None,
+    decoder_mask_ratio: float | None = None,
+    **overrides: Any,
 ) -> int:
     """FLOPs of forward + backward on `batch_size` clips (3 x forward): divide by step time for FLOP/s."""
-    return 3 * batch_size * forward_flops(spec, mask_ratio=mask_ratio, **overrides)["total"]
+    fwd = forward_flops(spec, mask_ratio=mask_ratio, decoder_mask_ratio=decoder_mask_ratio, **overrides)
+    return 3 * batch_size * fwd["total"]

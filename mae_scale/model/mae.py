@@ -2,6 +2,10 @@
 
 Reads like the paper: cut the clip into patches, hide most of them, encode only the visible ones,
 let a light decoder fill in every position, and score the reconstruction on the hidden patches.
+Optionally (`decoder_mask_ratio` > 0, VideoMAE V2's dual masking) the decoder fills in only a
+subset of the hidden positions, and the loss is taken on that subset: the decoder, which runs on
+every token and so costs more than the encoder at 90% masking, gets cheaper. It changes the
+computation only, never the parameters; 0 (the default) is the MAE-ST model.
 Parameter names and shapes equal facebookresearch/mae_st `models_mae.MaskedAutoencoderViT` with
 `sep_pos_embed=True` (and `cls_embed=True` by default), so weights load both ways with strict=True.
 
@@ -17,13 +21,29 @@ from torch import nn
 
 from mae_scale.model.attention import check_backend, resolve_backend
 from mae_scale.model.blocks import LN_EPS, Attention, Block, PatchEmbed
-from mae_scale.model.masking import DEFAULT_CUBE, Mask, make_mask, num_units, num_visible
+from mae_scale.model.masking import (
+    DEFAULT_CUBE,
+    DecoderMask,
+    Mask,
+    decoder_mask_units,
+    make_decoder_mask,
+    make_mask,
+    num_decoder_dropped,
+    num_units,
+    num_visible,
+)
 from mae_scale.model.patches import patchify, target_frame_indices, unpatchify
 
 
 def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D), ids: (B, n) -> (B, n, D), the tokens at `ids` of each sample."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _scatter_tokens(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """x: (B, k, D) for the tokens `ids` (B, k) -> (B, n, D), zeros at every other token."""
+    out = x.new_zeros(x.shape[0], n, x.shape[-1])
+    return out.scatter(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
 
 
 def _separable(spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor:
@@ -56,6 +76,8 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = True,
         attention: str = "auto",
         mask_cube: tuple[int, int, int] = DEFAULT_CUBE,
+        decoder_mask_ratio: float = 0.0,
+        decoder_mask_type: str = "running_cell",
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -73,11 +95,13 @@ class MaskedAutoencoderViT(nn.Module):
             num_frames=num_frames, t_patch_size=t_patch_size, pred_t_dim=pred_t_dim,
             mask_type=mask_type, mask_ratio=mask_ratio, cls_embed=cls_embed,
             norm_pix_loss=norm_pix_loss, attention=attention, mask_cube=tuple(mask_cube),
+            decoder_mask_ratio=decoder_mask_ratio, decoder_mask_type=decoder_mask_type,
         )  # fmt: skip
         self.patch_size = patch_size
         self.pred_t_dim = pred_t_dim
         self.t_pred_patch_size = t_patch_size * pred_t_dim // num_frames  # frames predicted per token
         self.mask_type, self.mask_ratio, self.mask_cube = mask_type, mask_ratio, tuple(mask_cube)
+        self.decoder_mask_type, self.decoder_mask_ratio = decoder_mask_type, decoder_mask_ratio
         self.cls_embed = cls_embed
         self.norm_pix_loss = norm_pix_loss
         dev = {"device": device}
@@ -89,7 +113,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.grid = self.patch_embed.grid  # token grid (t, h, w)
         t, h, w = self.grid
         self.num_patches = t * h * w
-        num_visible(mask_type, self.grid, mask_ratio, self.mask_cube)  # fail now on a bad mask setting
+        # fail now on a bad mask setting
+        n_visible = num_visible(mask_type, self.grid, mask_ratio, self.mask_cube)
+        num_decoder_dropped(decoder_mask_type, self.grid, decoder_mask_ratio, n_visible)
         if cls_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dev))
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim, **dev))
@@ -144,6 +170,16 @@ class MaskedAutoencoderViT(nn.Module):
             self.mask_type, self.grid, mask_ratio, batch, noise=noise, device=device, cube=self.mask_cube
         )
 
+    def decoder_mask_units(self) -> int:
+        """U_dec, the second dimension of the `decoder_noise` that fixes the decoder's tokens."""
+        return decoder_mask_units(self.decoder_mask_type, self.grid)
+
+    def decoder_masking(
+        self, mask: torch.Tensor, n_visible: int, ratio: float, noise: torch.Tensor | None
+    ) -> DecoderMask | None:
+        """Which masked tokens the decoder drops (dual masking); None when it keeps all (ratio 0)."""
+        return make_decoder_mask(self.decoder_mask_type, self.grid, ratio, mask, n_visible, noise=noise)
+
     # --- the model ---
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         x = self.patch_embed(imgs)  # (B, N, D)
@@ -164,15 +200,22 @@ class MaskedAutoencoderViT(nn.Module):
             x = x[:, 1:]  # the class token is not decoded
         return x, m.mask, m.ids_restore
 
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(
+        self, x: torch.Tensor, ids_restore: torch.Tensor, ids_decode: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """-> (B, N, u*p*p*C); with `ids_decode` (B, n_dec) only those tokens are decoded and the
+        rows of the others are zero (no prediction)."""
         x = self.decoder_embed(x)  # (B, n_keep, Dd)
         B, n_keep, _ = x.shape
+        N = ids_restore.shape[1]
 
         # append mask tokens, then unshuffle back to (t, h, w) order
-        mask_tokens = self.mask_token.expand(B, ids_restore.shape[1] - n_keep, -1)
+        mask_tokens = self.mask_token.expand(B, N - n_keep, -1)
         x = torch.cat([x, mask_tokens], dim=1)  # (B, N, Dd), shuffled order
         x = _gather_tokens(x, ids_restore)  # (B, N, Dd)
         x = x + _separable(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
+        if ids_decode is not None:  # dual masking: the visible and the kept masked tokens only
+            x = _gather_tokens(x, ids_decode)  # (B, n_dec, Dd)
 
         if self.cls_embed:
             cls = self.decoder_cls_token + self.decoder_pos_embed_class
@@ -180,13 +223,15 @@ class MaskedAutoencoderViT(nn.Module):
 
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # (B, [1 +] N, u*p*p*C)
-        return x[:, 1:] if self.cls_embed else x
+        x = self.decoder_pred(self.decoder_norm(x))  # (B, [1 +] n_dec, u*p*p*C)
+        x = x[:, 1:] if self.cls_embed else x
+        return x if ids_decode is None else _scatter_tokens(x, ids_decode, N)  # (B, N, u*p*p*C)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error on the masked patches of the temporally subsampled clip.
 
-        imgs: (B, C, T, H, W); pred: (B, N, u*p*p*C); mask: (B, N), 1 = masked.
+        imgs: (B, C, T, H, W); pred: (B, N, u*p*p*C); mask: (B, N), 1 = a token the loss counts
+        (masked, and with dual masking also kept by the decoder).
         """
         frames = target_frame_indices(imgs.shape[2], self.pred_t_dim).to(imgs.device)
         target = self.patchify(torch.index_select(imgs, 2, frames))  # (B, N, u*p*p*C)
@@ -201,12 +246,30 @@ class MaskedAutoencoderViT(nn.Module):
         loss = ((pred - target) ** 2).mean(dim=-1)  # (B, N), loss per patch
         return (loss * mask).sum() / mask.sum()  # mean over masked patches only
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
-        """imgs: normalized (B, C, T, H, W) -> (loss, pred (B, N, u*p*p*C), mask (B, N), 1 = masked)."""
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        decoder_mask_ratio: float | None = None,
+        decoder_noise: torch.Tensor | None = None,
+    ):
+        """imgs: normalized (B, C, T, H, W) -> (loss, pred (B, N, u*p*p*C), mask (B, N), 1 = masked).
+
+        `decoder_mask_ratio` overrides the model's for this call: 0 decodes every patch (pictures,
+        evaluation). With dual masking on, the rows of `pred` the decoder dropped are zero and the
+        loss counts the kept masked tokens only; `mask` is always the encoder's.
+        """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        dec_ratio = self.decoder_mask_ratio if decoder_mask_ratio is None else decoder_mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        dec = self.decoder_masking(mask, latent.shape[1], dec_ratio, decoder_noise)
+        if dec is None:  # the MAE-ST model: every token decoded, the loss on every masked one
+            pred = self.forward_decoder(latent, ids_restore)
+            loss = self.forward_loss(imgs, pred, mask)
+        else:
+            pred = self.forward_decoder(latent, ids_restore, dec.ids_decode)
+            loss = self.forward_loss(imgs, pred, dec.loss_mask)
         return loss, pred, mask
 
     # --- attention kernel ---
