@@ -5,6 +5,9 @@
 its models_mae.py / util/video_vit.py): explicit loops over patches, heads and samples, position
 tables added *after* masking as mae_st does, working on a state dict with the official names. The
 model must give the same loss (in float64, to 1e-10) for the same weights, clip and noise.
+With `decoder_keep` it also restates dual masking (VideoMAE V2): the decoder runs on the listed
+tokens only (the visible ones and the kept masked ones, with their position embeddings) and the
+loss counts the masked ones among them.
 """
 
 from __future__ import annotations
@@ -111,7 +114,9 @@ def _block(x, sd, name, heads):
     return x + _linear(h, sd, f"{name}.mlp.fc2")
 
 
-def reference_loss(sd, imgs, noise, *, mask_ratio, p, tp, pred_t_dim, heads, dec_heads, depth, dec_depth):
+def reference_loss(
+    sd, imgs, noise, *, mask_ratio, p, tp, pred_t_dim, heads, dec_heads, depth, dec_depth, decoder_keep=None
+):
     B, C, T, H, W = imgs.shape
     t, h, w = T // tp, H // p, W // p
     N = t * h * w
@@ -157,23 +162,24 @@ def reference_loss(sd, imgs, noise, *, mask_ratio, p, tp, pred_t_dim, heads, dec
                 for i in range(N)
             ]
         )
-        y = torch.cat([sd["decoder_cls_token"][0] + sd["decoder_pos_embed_class"][0], full + dpos])
+        decoded = list(range(N)) if decoder_keep is None else list(decoder_keep[b])
+        y = torch.cat([sd["decoder_cls_token"][0] + sd["decoder_pos_embed_class"][0], (full + dpos)[decoded]])
         for i in range(dec_depth):
             y = _block(y, sd, f"decoder_blocks.{i}", dec_heads)
         y = _layer_norm(y, sd["decoder_norm.weight"], sd["decoder_norm.bias"])
-        pred = _linear(y, sd, "decoder_pred")[1:]  # (N, u*p*p*C)
+        pred = dict(zip(decoded, _linear(y, sd, "decoder_pred")[1:], strict=True))  # token -> (u*p*p*C,)
         # target: pred_t_dim frames by linspace, each token's u frames flattened as (u, p, q, c)
         frames = torch.linspace(0, T - 1, pred_t_dim).long()
         sub = imgs[b][:, frames]  # (C, pred_t_dim, H, W)
         for i in range(N):
             ti, hi, wi = i // (h * w), (i // w) % h, i % w
-            if not masked[i]:
+            if not masked[i] or i not in pred:  # visible, or dropped by the decoder
                 continue
             patch = sub[:, ti * u : (ti + 1) * u, hi * p : (hi + 1) * p, wi * p : (wi + 1) * p]
             target = patch.permute(1, 2, 3, 0).flatten()  # (u, p, q, c)
             target = (target - target.mean()) / torch.sqrt(target.var() + 1e-6)  # unbiased var, as torch.var
             losses.append(((pred[i] - target) ** 2).mean())
-        total_masked += float(masked.sum())
+        total_masked += float(sum(masked[i] for i in decoded))
     return torch.stack(losses).sum() / total_masked
 
 
@@ -194,6 +200,37 @@ def test_loss_equals_plain_mae_st_reference(frames, pred_t_dim, ratio):
         heads=4, dec_heads=4, depth=2, dec_depth=2,
     )  # fmt: skip
     assert (mask == 0).sum(dim=1).tolist() == [int(model.num_patches * (1 - ratio))] * 2
+    torch.testing.assert_close(loss.detach(), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("dec_type", "dec_ratio"), [("running_cell", 0.5), ("random", 0.25)])
+def test_dual_masking_loss_equals_plain_reference(dec_type, dec_ratio):
+    """Dual masking: the model's loss equals the plain reference told the same decoder tokens."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(
+        **ARCH,
+        img_size=48,
+        num_frames=8,
+        pred_t_dim=4,
+        decoder_mask_ratio=dec_ratio,
+        decoder_mask_type=dec_type,
+    ).double()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    imgs = torch.randn(2, 3, 8, 48, 48, dtype=torch.float64)
+    noise = torch.rand(2, model.num_patches, dtype=torch.float64)
+    decoder_noise = torch.rand(2, model.decoder_mask_units(), dtype=torch.float64)
+    loss, _, mask = model(imgs, mask_ratio=0.75, noise=noise, decoder_noise=decoder_noise)
+    n_visible = int(model.num_patches * 0.25)  # 9 of 36 (grid 4x3x3)
+    keep = model.decoder_masking(mask, n_visible, dec_ratio, decoder_noise).ids_decode.tolist()
+    assert len(keep[0]) == model.num_patches - int(model.num_patches * dec_ratio)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    ref = reference_loss(
+        sd, imgs, noise, mask_ratio=0.75, p=16, tp=2, pred_t_dim=4,
+        heads=4, dec_heads=4, depth=2, dec_depth=2, decoder_keep=keep,
+    )  # fmt: skip
     torch.testing.assert_close(loss.detach(), ref, atol=1e-10, rtol=1e-10)
 
 
