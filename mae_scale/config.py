@@ -21,6 +21,7 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 DEMO_SHARDS = "shards/demo"  # built from real clips on first use (mae_scale.data.demo)
 
 MASK_TYPES = ("random", "tube", "frame", "cube")
+DECODER_MASK_TYPES = ("running_cell", "random")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 MODEL_PRESETS = ("tiny", "vit_b", "vit_l", "vit_h", "vit_g", "vit_2b")
 SHORT_VIDEO_POLICIES = ("stride", "loop", "skip")
@@ -45,6 +46,8 @@ class ModelConfig:
     preset: str = "vit_l"  # architecture size, see mae_scale.model.presets
     mask_type: str = "random"  # random (agnostic) | tube | frame | cube
     mask_ratio: float = 0.9  # MAE-ST's optimum for video
+    decoder_mask_ratio: float = 0.0  # dual masking: share of all tokens the decoder drops (0: off, MAE-ST)
+    decoder_mask_type: str = "running_cell"  # VideoMAE V2's (ratio 0.25, 0.5 or 0.75) | random
     attention: str = "auto"  # auto: xformers on CUDA when installed, else SDPA
     checkpoint_activations: int = 0  # 0: none, 1: every block, k: every k-th block
     pred_t_dim: int = 8  # target frames predicted (of data.num_frames), as mae_st
@@ -199,6 +202,9 @@ class Config:
         choice("model.attention", m.attention, ATTENTION_BACKENDS)
         if not 0.0 <= m.mask_ratio < 1.0:
             bad("model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
+        choice("model.decoder_mask_type", m.decoder_mask_type, DECODER_MASK_TYPES)
+        if not 0.0 <= m.decoder_mask_ratio < 1.0:
+            bad("model.decoder_mask_ratio", m.decoder_mask_ratio, "must be in [0, 1) (0: off)")
         if m.mask_type == "frame" and d.num_frames % m.t_patch_size == 0:
             slices = d.num_frames // m.t_patch_size
             if int(slices * (1 - m.mask_ratio)) < 1:
@@ -240,6 +246,18 @@ class Config:
             patch = _patch_size(m.preset)
             if d.size % patch:
                 bad("data.size", d.size, f"must be a multiple of the patch size {patch} of {m.preset}")
+            elif (
+                0.0 < m.decoder_mask_ratio < 1.0
+                and m.decoder_mask_type in DECODER_MASK_TYPES
+                and m.mask_type in MASK_TYPES
+                and 0.0 <= m.mask_ratio < 1.0
+                and m.t_patch_size > 0
+                and d.num_frames % m.t_patch_size == 0
+            ):
+                grid = (d.num_frames // m.t_patch_size, d.size // patch, d.size // patch)
+                problem = _decoder_mask_problem(m, grid)
+                if problem:
+                    bad("model.decoder_mask_ratio", m.decoder_mask_ratio, problem)
         positive("train.steps", t.steps)
         positive("train.batch_size", t.batch_size)
         positive("train.grad_accum", t.grad_accum)
@@ -303,6 +321,21 @@ class Config:
             return None
         path = Path(shards)
         return path if path.suffix == ".json" else path / "manifest.json"
+
+
+def _decoder_mask_problem(m: ModelConfig, grid: tuple[int, int, int]) -> str | None:
+    """Why the model would refuse this dual-masking setting (its own message), or None."""
+    from mae_scale.model.masking import num_decoder_dropped, num_visible
+
+    try:
+        n_visible = num_visible(m.mask_type, grid, m.mask_ratio)
+    except ValueError:
+        return None  # an encoder-mask problem: reported under model.mask_ratio, or by the model
+    try:
+        num_decoder_dropped(m.decoder_mask_type, grid, m.decoder_mask_ratio, n_visible)
+    except ValueError as err:
+        return f"{err} (model.mask_type={m.mask_type!r}, model.mask_ratio={m.mask_ratio}, grid {grid})"
+    return None
 
 
 def _patch_size(preset: str) -> int:

@@ -56,6 +56,15 @@ def test_yaml_path_and_saved_round_trip(tmp_path):
         ("model.preset=vit_hh", "did you mean 'vit_h'"),
         ("model.mask_type=tubes", "model.mask_type='tubes': must be one of random, tube, frame, cube"),
         ("model.mask_ratio=1.5", "model.mask_ratio=1.5: must be in [0, 1)"),
+        (
+            "model.decoder_mask_type=cell",
+            "model.decoder_mask_type='cell': must be one of running_cell, random",
+        ),
+        ("model.decoder_mask_ratio=1.0", "model.decoder_mask_ratio=1.0: must be in [0, 1) (0: off)"),
+        (
+            "model.decoder_mask_ratio=0.6",
+            "model.decoder_mask_ratio=0.6: decoder_mask_type 'running_cell' drops",
+        ),
         ("train.steps=ten", "train.steps='ten': expected an integer"),
         ("train.batch_size=0", "train.batch_size=0: must be > 0"),
         ("data.crop_scale=0.5", "data.crop_scale=0.5: expected a list of 2 values"),
@@ -76,6 +85,32 @@ def test_bad_values_name_key_value_and_allowed(override, needle):
     with pytest.raises(ConfigError) as err:
         Config.load("demo", [override]).validate(world_size=2, check_paths=False)
     assert needle in str(err.value)
+
+
+def test_dual_masking_that_leaves_nothing_to_reconstruct_is_refused():
+    """demo: 8x64 clips, grid (4, 4, 4) = 64 tokens, mask 0.9 keeps 6 visible: 58 masked."""
+    ok = Config.load("demo", ["model.decoder_mask_ratio=0.75"]).validate(check_paths=False)  # drops 48
+    assert ok.model.decoder_mask_type == "running_cell"
+    Config.load("demo", ["model.decoder_mask_ratio=0.9", "model.decoder_mask_type=random"]).validate(
+        check_paths=False
+    )  # drops 57 of the 58 masked
+    cfg = Config.load("demo", ["model.decoder_mask_ratio=0.92", "model.decoder_mask_type=random"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(check_paths=False)
+    msg = str(err.value)
+    assert "model.decoder_mask_ratio=0.92: decoder_mask_ratio 0.92 drops 58 of 64 tokens but only 58" in msg
+    assert "no masked token would be left to reconstruct; it must be below 0.9062" in msg
+    assert "model.mask_type='random', model.mask_ratio=0.9, grid (4, 4, 4)" in msg
+
+
+def test_model_kwargs_carry_the_dual_masking_setting():
+    from mae_scale.model.mae import MaskedAutoencoderViT
+    from mae_scale.train.engine import model_kwargs
+
+    cfg = Config.load("demo", ["model.decoder_mask_ratio=0.5", "model.decoder_mask_type=random"])
+    model = MaskedAutoencoderViT(**model_kwargs(cfg), device="meta")
+    assert (model.decoder_mask_ratio, model.decoder_mask_type) == (0.5, "random")
+    assert model_kwargs(Config.load("demo"))["decoder_mask_ratio"] == 0.0
 
 
 def test_all_problems_reported_together():
@@ -117,6 +152,7 @@ def test_choice_lists_match_the_components():
     from mae_scale.model import attention, masking, presets
 
     assert config.MASK_TYPES == masking.MASK_TYPES
+    assert config.DECODER_MASK_TYPES == masking.DECODER_MASK_TYPES
     assert config.ATTENTION_BACKENDS == attention.BACKENDS
     assert set(config.MODEL_PRESETS) == set(presets.ARCHS)
     assert config.SHORT_VIDEO_POLICIES == transforms.SHORT_VIDEO_POLICIES

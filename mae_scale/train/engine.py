@@ -94,6 +94,8 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         pred_t_dim=m.pred_t_dim,
         mask_type=m.mask_type,
         mask_ratio=m.mask_ratio,
+        decoder_mask_ratio=m.decoder_mask_ratio,
+        decoder_mask_type=m.decoder_mask_type,
         cls_embed=m.cls_embed,
         norm_pix_loss=m.norm_pix_loss,
         attention=m.attention,
