@@ -206,6 +206,25 @@ def test_signal_after_the_agreement_waits_for_the_next_one(tmp_path, demo_shards
     assert (run / "checkpoints" / "step_00000004" / "complete.json").is_file()
 
 
+def test_dual_masking_resumes_bit_exact(tmp_path, demo_shards):
+    """The decoder's mask draws from the checkpointed RNG streams: a run with dual masking stopped by
+    SIGTERM at step 4 and resumed gives the losses and weights of one that never stopped."""
+    args = COMMON + ["model.decoder_mask_ratio=0.5", f"train.steps={N}", "checkpoint.every_steps=0"]
+    straight, run = tmp_path / "straight", tmp_path / "stopped"
+    torchrun(args + [f"run.dir={straight}"])
+    script = REPO / "tests" / "scripts" / "late_signal_pretrain.py"
+    with _torchrun_job(args + [f"run.dir={run}"], entry=(str(script), "3")) as proc:
+        out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped by signal at step 4" in out
+    torchrun(args + [f"run.dir={run}"])  # the plain command: --resume auto
+    a, b = step_losses(straight), step_losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, N + 1))
+    assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # bit for bit
+    wa, wb = _weights(straight, N), _weights(run, N)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.fixture(scope="module")
 def one_rank_run(tmp_path_factory, demo_shards):
     """One process, checkpoints at steps 4 and 8."""

@@ -99,6 +99,30 @@ def test_activation_checkpointing_gives_the_same_losses(zero3_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_dual_masking_trains_with_zero3_on_two_ranks(zero3_run, tmp_path):
+    """VideoMAE V2's dual masking in the main job: ZeRO-3 on 2 ranks, the loss falls, the FLOPs (and
+    so TFLOP/s and MFU) count the smaller decoder, the end picture still decodes every patch."""
+    from mae_scale.config import Config
+    from mae_scale.model.flops import train_step_flops
+    from mae_scale.train.engine import model_kwargs
+
+    run = tmp_path / "dual"
+    dual = ["model.decoder_mask_ratio=0.5", "model.decoder_mask_type=running_cell"]
+    torchrun(BASE + [f"run.dir={run}", "log.wandb=off", *dual])
+    losses, plain = step_losses(run), step_losses(zero3_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert _falls(losses), losses
+    assert losses[1] != plain[1]  # same weights and data: another loss, so the decoder mask was on
+    start = _start(run)
+    assert start["zero_stage"] == 3 and start["world_size"] == 2
+    cfg = Config.load("demo", dual)
+    assert (
+        start["flops_per_clip"] == train_step_flops(model_kwargs(cfg)) < _start(zero3_run)["flops_per_clip"]
+    )
+    assert (run / "reconstruction.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_zero2_with_grad_accumulation_trains_with_whole_parameters_on_each_rank(tmp_path):
     run = tmp_path / "zero2"
     torchrun(

@@ -136,6 +136,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             "params_total": params_total,
             "params_per_rank": D.all_gather_object(params_local),
             "clips_per_step": built.clips_per_step,
+            "flops_per_clip": flops_per_clip,  # training FLOPs (3 x forward): what TFLOP/s and MFU count
             "grad_accum": cfg.train.grad_accum,
             "weights_l2": weights_l2,
             "zero_stage": engine.zero_optimization_stage(),
