@@ -647,3 +647,9 @@ def test_bench_tool_runs(capsys):
     bench.main([*args.split(), "--device", "cpu"])
     out = capsys.readouterr().out
     assert "clips/s" in out and "MFU" in out and "% of 1 (--peak-tflops)" in out
+    bench.main([*args.split(), "--device", "cpu", "--decoder-mask-ratio", "0", "0.5"])  # side by side
+    out = capsys.readouterr().out
+    assert "decoder_mask_ratio 0: step" in out and "decoder_mask_ratio 0.5: step" in out
+    full, dual = (forward_flops("tiny", img_size=32, num_frames=8, pred_t_dim=4, mask_ratio=0.75,
+                                decoder_mask_ratio=r)["total"] for r in (0.0, 0.5))  # fmt: skip
+    assert "decoder_mask_ratio 0.5 vs 0: step time x" in out and f"FLOPs x{dual / full:.3f}" in out

@@ -2,6 +2,12 @@
 
     python tools/bench_model.py --preset vit_b --batch 2 --precision bf16 --backend sdpa
     python tools/bench_model.py --preset vit_l --batch 16 --ckpt 1 --device cuda   # MFU vs 989 on H100
+    python tools/bench_model.py --preset vit_l --batch 8 --precision bf16 --device cuda \
+        --decoder-mask-ratio 0 0.5 0.75                          # dual masking, side by side
+
+Several `--decoder-mask-ratio` values are timed side by side on one model (the same weights): the
+timed steps take turns, one per ratio, so a change of machine load hits every ratio alike; the
+last lines give each ratio's median step time and FLOPs relative to the first ratio's.
 
 Synthetic normalized clips (the model's speed does not depend on pixel values); no optimizer step.
 FLOPs come from `mae_scale.model.flops.train_step_flops` (3 x analytic forward). MFU = achieved
@@ -41,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pred-t-dim", type=int, default=None, help="default: frames / 2, as mae_st")
     ap.add_argument("--mask-type", default="random", choices=["random", "tube", "frame", "cube"])
     ap.add_argument("--mask-ratio", type=float, default=0.9)
+    ap.add_argument(
+        "--decoder-mask-ratio",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="dual masking; several: side by side",
+    )
+    ap.add_argument("--decoder-mask-type", default="running_cell", choices=["running_cell", "random"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--ckpt", type=int, default=0, help="activation checkpointing: every k-th block, 0 none")
@@ -63,10 +77,12 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float |
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ratios = args.decoder_mask_ratio
     kwargs = dict(
         arch(args.preset), img_size=args.size, num_frames=args.frames,
         pred_t_dim=args.pred_t_dim or args.frames // 2, mask_type=args.mask_type,
         mask_ratio=args.mask_ratio, attention=args.backend,
+        decoder_mask_ratio=ratios[0], decoder_mask_type=args.decoder_mask_type,
     )  # fmt: skip
     torch.manual_seed(0)
     model = MaskedAutoencoderViT(**kwargs, device=device)
@@ -79,46 +95,66 @@ def main(argv=None) -> None:
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step() -> None:
+    def step(ratio: float) -> None:
         with autocast:
-            loss, _, _ = model(imgs)
+            loss, _, _ = model(imgs, decoder_mask_ratio=ratio)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
+    for ratio in ratios:
+        for _ in range(args.warmup):
+            step(ratio)
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times = {r: [] for r in ratios}
+    peak_mem = dict.fromkeys(ratios, 0)
     for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+        for ratio in ratios:  # interleaved: every ratio sees the same machine load
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step(ratio)
+            sync()
+            times[ratio].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak_mem[ratio] = max(peak_mem[ratio], torch.cuda.max_memory_allocated(device))
 
-    sec = statistics.median(times)
-    flops = train_step_flops(model.config, batch_size=args.batch)
-    achieved = flops / sec / 1e12
     peak, peak_src = peak_tflops(args, device)
-    if device.type == "cuda":
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)"
-        where = torch.cuda.get_device_name(device)
-    else:
-        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
-        where = f"cpu, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
     params = sum(p.numel() for p in model.parameters())
     print(
         f"preset={args.preset} params={params / 1e6:.1f}M clip={args.frames}x{args.size} batch={args.batch} "
         f"precision={args.precision} attention={model.attention_backend()} ckpt={args.ckpt} "
-        f"mask={args.mask_type}:{args.mask_ratio} device={where} torch={torch.__version__}"
+        f"mask={args.mask_type}:{args.mask_ratio} decoder_mask={args.decoder_mask_type}:"
+        f"{','.join(f'{r:g}' for r in ratios)} device={where} torch={torch.__version__}"
     )
-    mfu = f"{100 * achieved / peak:.1f}% of {peak:g} ({peak_src})" if peak else f"n/a ({peak_src})"
-    print(
-        f"step {sec * 1e3:.1f} ms (median of {args.steps}; min {min(times) * 1e3:.1f}, "
-        f"max {max(times) * 1e3:.1f}) | {args.batch / sec:.2f} clips/s | "
-        f"{flops / args.batch / 1e9:.1f} GFLOP/clip | {achieved:.3f} TFLOP/s | MFU {mfu} | peak mem {mem}"
-    )
+    flops = {r: train_step_flops(model.config, batch_size=args.batch, decoder_mask_ratio=r) for r in ratios}
+    for ratio in ratios:
+        sec = statistics.median(times[ratio])
+        achieved = flops[ratio] / sec / 1e12
+        if device.type == "cuda":
+            mem = f"{peak_mem[ratio] / 2**30:.2f} GiB (CUDA max allocated)"
+        else:
+            mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+        mfu = f"{100 * achieved / peak:.1f}% of {peak:g} ({peak_src})" if peak else f"n/a ({peak_src})"
+        label = f"decoder_mask_ratio {ratio:g}: " if len(ratios) > 1 else ""
+        print(
+            f"{label}step {sec * 1e3:.1f} ms (median of {args.steps}; min {min(times[ratio]) * 1e3:.1f}, "
+            f"max {max(times[ratio]) * 1e3:.1f}) | {args.batch / sec:.2f} clips/s | "
+            f"{flops[ratio] / args.batch / 1e9:.1f} GFLOP/clip | {achieved:.3f} TFLOP/s | MFU {mfu} | "
+            f"peak mem {mem}"
+        )
+    base = ratios[0]
+    for ratio in ratios[1:]:
+        # per round: this ratio's step over the first ratio's step right before it
+        rel = statistics.median(t / t0 for t, t0 in zip(times[ratio], times[base], strict=True))
+        print(
+            f"decoder_mask_ratio {ratio:g} vs {base:g}: step time x{rel:.3f} (median of {args.steps} "
+            f"side-by-side rounds; speed-up {1 / rel:.2f}x), FLOPs x{flops[ratio] / flops[base]:.3f}"
+        )
 
 
 if __name__ == "__main__":
