@@ -7,7 +7,9 @@
 
 Several `--decoder-mask-ratio` values are timed side by side on one model (the same weights): the
 timed steps take turns, one per ratio, so a change of machine load hits every ratio alike; the
-last lines give each ratio's median step time and FLOPs relative to the first ratio's.
+last lines give each ratio's median step time and FLOPs relative to the first ratio's. On CPU they
+also give the process's CPU time per step (all threads), which other jobs on a shared machine
+disturb less than the wall clock (they take cores away, not work); `--threads` sets torch's threads.
 
 Synthetic normalized clips (the model's speed does not depend on pixel values); no optimizer step.
 FLOPs come from `mae_scale.model.flops.train_step_flops` (3 x analytic forward). MFU = achieved
@@ -60,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ckpt", type=int, default=0, help="activation checkpointing: every k-th block, 0 none")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)"
+    )
     return ap.parse_args(argv)
 
 
@@ -77,6 +82,8 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float |
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ratios = args.decoder_mask_ratio
     kwargs = dict(
         arch(args.preset), img_size=args.size, num_frames=args.frames,
@@ -106,15 +113,17 @@ def main(argv=None) -> None:
             step(ratio)
     sync()
     times = {r: [] for r in ratios}
+    cpu_times = {r: [] for r in ratios}  # process CPU time, all threads
     peak_mem = dict.fromkeys(ratios, 0)
     for _ in range(args.steps):
         for ratio in ratios:  # interleaved: every ratio sees the same machine load
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(ratio)
             sync()
             times[ratio].append(time.perf_counter() - start)
+            cpu_times[ratio].append(time.process_time() - cpu_start)
             if device.type == "cuda":
                 peak_mem[ratio] = max(peak_mem[ratio], torch.cuda.max_memory_allocated(device))
 
@@ -157,6 +166,14 @@ def main(argv=None) -> None:
             f"side-by-side rounds; speed-up {1 / rel:.2f}x; fastest steps x{fastest:.3f}), "
             f"FLOPs x{flops[ratio] / flops[base]:.3f}"
         )
+        if device.type == "cpu":
+            cpu_rel = statistics.median(
+                t / t0 for t, t0 in zip(cpu_times[ratio], cpu_times[base], strict=True)
+            )
+            print(
+                f"decoder_mask_ratio {ratio:g} vs {base:g}: CPU time per step x{cpu_rel:.3f} (median; "
+                f"{statistics.median(cpu_times[ratio]):.2f} s vs {statistics.median(cpu_times[base]):.2f} s)"
+            )
 
 
 if __name__ == "__main__":
