@@ -40,6 +40,7 @@ from mae_scale.data.shards import (
     shard_name,
     write_json_atomic,
 )
+from mae_scale.hardware import usable_cores
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"}
 PROGRESS_NAME = ".progress.jsonl"
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target bytes per shard")
     p.add_argument("--max-samples-per-shard", type=int, default=None, help="also close a shard at this count")
-    p.add_argument("--workers", type=int, default=max(1, (multiprocessing.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
     p.add_argument("--seed", type=int, default=0, help="seed of the input shuffle (default: 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the sorted input order")
     p.add_argument("--label-from-dir", action="store_true", help="folder input: label = parent folder name")
