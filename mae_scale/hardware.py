@@ -5,6 +5,24 @@ ops are cached) asks these functions instead of reading /proc or the environment
 force every answer (tests/test_hardware.py) and every run and CI log says which machine it ran on
 (`python -m mae_scale.hardware`). CUDA's presence is torch's own `torch.cuda.is_available()`,
 which the tests force the same way.
+
+Where behaviour follows the host, and how each place is kept safe (tests/test_hardware.py):
+- parameter dtype: DeepSpeed's is_fp16/bf16_supported answers steer zero.Init and its engine;
+  `engine.build_model` lets the config decide and `engine.check_dtypes` guards (forced both ways);
+- `train.precision=auto`: CUDA bf16, else `amx_bf16` in the CPU flags (every branch forced);
+- device, backend and MFU peak: CUDA or not (forced), a datasheet or a measured matmul;
+- GPU or CPU in the shell scripts: `tools/host.sh` (run with a fake nvidia-smi and nproc);
+- threads: the demo splits `nproc` (affinity-aware) between ranks; DataLoader workers run torch
+  with 1 thread (torch's default there), PyAV and OpenCV with 1 (decode.py, transforms.py), so a
+  worker is one core on any CPU; make_shards' default pool is `usable_cores() - 1`;
+- DataLoader start method: fork on Linux, spawn on macOS, forkserver from Python 3.14: the loader
+  is tested under all three; make_shards and verify_shards always spawn;
+- shared memory: loader batches live in /dev/shm, checked against the node's need at start;
+- compiled ops: DeepSpeed's shm_comm is not built (dist.py); cpu_adam is cached per instruction
+  set (`pin_extension_cache`);
+- kernels: torch picks AVX2 or AVX-512 code at run time, which moves float results in the last
+  bits; no test compares against numbers recorded on another machine (exactness tests compare
+  two runs on the same one).
 """
 
 from __future__ import annotations
