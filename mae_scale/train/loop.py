@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from mae_scale import hardware
 from mae_scale.config import Config
 from mae_scale.model.checkpointing import checkpointed_blocks
 from mae_scale.train import dist as D
@@ -144,6 +145,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             "attention": engine.module.attention_backend(),
             "checkpointed_blocks": len(checkpointed_blocks(engine.module)),
             "world_size": world_size,
+            "hardware": hardware.report(),  # which machine (CPU flags, accelerator answers) ran this
         },
     )
     sample_log = (
