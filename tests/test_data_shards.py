@@ -116,7 +116,7 @@ def test_killed_build_resumes_to_the_same_manifest(tmp_path, synthetic_videos):
     run = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", str(tmp_path / "r")], env=env)
     assert run.returncode == -9
     out = tmp_path / "r"
-    assert not (out / "manifest.json").exists() and list(out.glob("*.tar.tmp"))
+    assert not (out / "manifest.json").exists() and list(out.glob("shard-000002.tar.*.tmp"))
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert sorted(finished) == ["shard-000000.tar", "shard-000001.tar"]
     tool = [sys.executable, str(REPO / "tools" / "make_shards.py")]
@@ -126,7 +126,7 @@ def test_killed_build_resumes_to_the_same_manifest(tmp_path, synthetic_videos):
     )
     assert json.loads((out / "manifest.json").read_text()) == straight.to_dict()
     assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rewritten
-    assert not list(out.glob("*.tmp")) and not (out / ".progress.jsonl").exists()
+    assert not list(out.glob("*.tmp")) and not (out / ".parts").exists()
     assert verify_shards(out)[0] == []
 
 
