@@ -256,7 +256,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     finally:
         if writer is not None:
             writer.abort()
-    _fsync_dir(out)
+    fsync_dir(out)
     done = {
         "shard": task.shard,
         "name": task.name,
@@ -273,7 +273,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     return done
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -412,26 +412,26 @@ def make_shards(
         tasks.append(
             ShardTask(str(out), shard_name(name, k), k, entries, encode, limits, plan.versions, video_fn)
         )
-    _run_with_progress(tasks, results, plan, engine, workers, ray_address, progress, f"shards -> {out}")
+    run_with_progress(tasks, results, plan, engine, workers, ray_address, progress, f"shards -> {out}")
     return _finish(out, name, plan, results, options)
 
 
-def _run_with_progress(tasks, results, plan, engine, workers, ray_address, progress, desc, fn=None) -> None:
-    """Run the tasks, filling `results` (shard number -> result); bars over shards and videos."""
+def run_with_progress(tasks, results, plan, engine, workers, ray_address, progress, desc, fn=None, videos=-1):
+    """Run the tasks (`fn`, build_shard by default), filling `results` (shard number -> result), with
+    bars over shards and videos (`videos`: how many in all; -1: the plan's inputs; None: unknown)."""
     from tqdm import tqdm
 
-    done_videos = sum(r["videos"] for r in results.values())
-    shards_bar = tqdm(
-        total=plan.num_shards, initial=len(results), unit="shard", desc=desc, disable=not progress, position=0
-    )
-    videos_bar = tqdm(
-        total=len(plan.inputs),
-        initial=done_videos,
-        unit="video",
-        desc="videos",
-        disable=not progress,
-        position=1,
-    )
+    total = len(plan.inputs) if videos == -1 else videos
+    bars = [
+        tqdm(total=plan.num_shards, initial=len(results), unit="shard", desc=desc, disable=not progress),
+        tqdm(
+            total=total,
+            initial=sum(r["videos"] for r in results.values()),
+            unit="video",
+            desc="videos",
+            disable=not progress,
+        ),
+    ]
     rejects = sum(len(r["rejects"]) for r in results.values())
     try:
         for result in run_tasks(
@@ -439,28 +439,40 @@ def _run_with_progress(tasks, results, plan, engine, workers, ray_address, progr
         ):
             results[result["shard"]] = result
             rejects += len(result["rejects"])
-            shards_bar.update(1)
-            videos_bar.update(result["videos"])
-            videos_bar.set_postfix(rejects=rejects, refresh=False)
+            bars[0].update(1)
+            bars[1].update(result["videos"])
+            bars[1].set_postfix(rejects=rejects, refresh=False)
     except EngineError as exc:
         raise ShardBuildError(str(exc)) from exc
     finally:
-        videos_bar.close()
-        shards_bar.close()
+        for bar in reversed(bars):
+            bar.close()
         close_runners()  # the in-process pool's video worker
 
 
-def _finish(out: Path, name: str, plan: Plan, results: dict[int, dict], options: dict) -> Manifest:
-    """rejects.jsonl, then the manifest (last, atomically), then the resume files go."""
+def write_rejects(out: Path, results: dict[int, dict]) -> list[dict]:
+    """All results' rejects, sorted by input (or shard and key): the same file whatever order the
+    shards finished in."""
     rejects = sorted(
         (r for k in sorted(results) for r in results[k]["rejects"]),
-        key=lambda r: json.dumps(r, sort_keys=True),
+        key=lambda r: (
+            r.get("source", ""),
+            r.get("shard", ""),
+            r.get("key", ""),
+            json.dumps(r, sort_keys=True),
+        ),
     )
     with open(out / (REJECTS_NAME + ".tmp"), "w") as f:
         f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
         f.flush()
         os.fsync(f.fileno())
     (out / (REJECTS_NAME + ".tmp")).replace(out / REJECTS_NAME)
+    return rejects
+
+
+def _finish(out: Path, name: str, plan: Plan, results: dict[int, dict], options: dict) -> Manifest:
+    """rejects.jsonl, then the manifest (last, atomically), then the resume files go."""
+    rejects = write_rejects(out, results)
     shards = [
         ShardInfo(r["name"], r["samples"], r["bytes"], r["sha256"], r["index"])
         for k, r in sorted(results.items())

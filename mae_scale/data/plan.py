@@ -97,9 +97,10 @@ class Plan:
                 line += f"; e.g. added {added[0][0]!r}"
             if removed:
                 line += f"; e.g. removed {removed[0][0]!r}"
-            if not added and not removed:
-                line += "; the same inputs in another order"
-            out.append(line + ")")
+            if added or removed:
+                out.append(line + ")")
+            elif not out:  # the order follows the seed: only worth a line when nothing else explains it
+                out.append("inputs: the same, in another order")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +185,7 @@ def check_against(folder: Path, plan: Plan, what: str) -> Plan | None:
         return None
     old = read_plan(path)
     if old.hash != plan.hash:
-        diff = old.differences(plan) or [f"plan hash {old.hash} -> {plan.hash}"]
+        diff = plan.differences(old) or [f"plan hash {old.hash} -> {plan.hash}"]
         raise PlanError(
             f"{folder} holds a {what} planned with other inputs or options ({'; '.join(diff)}); "
             f"run with the same ones to resume, or use another --out"
