@@ -192,9 +192,14 @@ def test_a_killed_job_resumes_to_the_same_bytes_and_other_options_are_refused(
         make_shards(
             clips, out, max_samples_per_shard=PER_SHARD, encode=DEMO_ENCODE.__class__(96), progress=False
         )
+    damaged, intact = sorted(finished)
+    data = bytearray((out / damaged).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, another sha256: must be rebuilt
+    (out / damaged).write_bytes(bytes(data))
     make_shards(clips, out, max_samples_per_shard=PER_SHARD, encode=DEMO_ENCODE, engine="ray", workers=2)
     assert snapshot(out) == golden
-    assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rebuilt
+    assert (out / intact).stat().st_mtime_ns == finished[intact]  # kept, not rebuilt
+    assert (out / damaged).stat().st_mtime_ns != finished[damaged]
 
 
 def test_a_hanging_or_crashing_decoder_becomes_a_reject(clips, ray_address, tmp_path):
