@@ -7,6 +7,11 @@ Every run builds the same shard set into a fresh folder (and the outputs are che
 bytes). Ray runs on one local instance started once (`ray.init(num_cpus=2)`); its start-up cost is
 measured apart: `ray.init` itself, and the first task's round trip on a fresh instance (worker
 process start and import). Rounds alternate the engines; the best round of each is reported.
+
+Wall time on a shared machine depends on the share of the cores a run gets (Ray's workers run at
+nice 15, the pool's at the caller's niceness), so the per-video work is also timed where it runs:
+the video children use `timed` (below) as their per-video function, which adds each video's CPU
+seconds to a log; "CPU s" is their sum, the cost of the work whatever the contention.
 """
 
 from __future__ import annotations
@@ -29,9 +34,28 @@ from mae_scale.data.index import read_index  # noqa: E402
 from mae_scale.data.make_shards import make_shards  # noqa: E402
 from mae_scale.data.shards import read_manifest  # noqa: E402
 
+CPU_LOG = "BENCH_SHARDS_CPU_LOG"
+
 
 def _ping() -> int:
     return os.getpid()
+
+
+def timed(job):
+    """make_shards' per-video work, its CPU seconds appended to $BENCH_SHARDS_CPU_LOG."""
+    from mae_scale.data.make_shards import prepare
+
+    start = time.process_time()
+    result = prepare(job)
+    with open(os.environ[CPU_LOG], "a") as f:
+        f.write(f"{time.process_time() - start:.6f}\n")
+    return result
+
+
+def _cpu_seconds(log: Path) -> float:
+    total = sum(float(x) for x in log.read_text().split()) if log.exists() else 0.0
+    log.unlink(missing_ok=True)
+    return total
 
 
 def digest(folder: Path) -> str:
@@ -59,6 +83,10 @@ def main() -> None:
             for s in demo_sources():
                 shutil.copy(s.path, inputs / f"{c:02d}_{Path(s.path).name}")
         encode = EncodeOptions(max_short_side=args.short_side, gop=16)
+        cpu_log = work / "cpu.log"
+        os.environ[CPU_LOG] = str(cpu_log)  # before ray.init: its workers inherit it
+        here = str(Path(__file__).resolve().parent)  # `bench_shards:timed` for the video children
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
 
         # Ray's start-up, on a fresh instance: ray.init, then the first task (a worker process starts)
         t0 = time.perf_counter()
@@ -70,6 +98,7 @@ def main() -> None:
 
         configs = [("pool", 1), ("pool", 2), ("ray", 1), ("ray", 2)]
         best: dict[tuple, float] = {}
+        cpu: dict[tuple, float] = {}
         digests: dict[tuple, str] = {}
         frames = videos = 0
         for r in range(args.rounds):
@@ -84,8 +113,11 @@ def main() -> None:
                     engine=engine,
                     workers=workers,
                     progress=False,
+                    video_fn="bench_shards:timed",
                 )
                 took = time.perf_counter() - start
+                spent = _cpu_seconds(cpu_log)
+                cpu[engine, workers] = min(cpu.get((engine, workers), spent), spent)
                 best[engine, workers] = min(best.get((engine, workers), took), took)
                 digests[engine, workers] = digest(out)
                 _, urls = read_manifest(out)
@@ -93,22 +125,22 @@ def main() -> None:
                 frames = sum(
                     s.frames for shard in manifest.shards for s in read_index(str(out / shard.index)).samples
                 )
-                print(f"round {r} {engine} x{workers}: {took:.2f} s", flush=True)
+                print(f"round {r} {engine} x{workers}: {took:.2f} s, video CPU {spent:.2f} s", flush=True)
                 shutil.rmtree(out)
         ray.shutdown()
         assert len(set(digests.values())) == 1, digests  # the same bytes from every engine
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "?")
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), "?")
         print(f"\n{model}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         print(f"{videos} videos, {frames} re-encoded frames, short side <= {args.short_side}; outputs equal")
-        print("| engine | workers | best s | videos/s | frames/s | frames/s per worker | vs pool |")
-        print("|---|---|---|---|---|---|---|")
+        head = "| engine | workers | best s | videos/s | frames/s | frames/s per worker | vs pool | CPU s |"
+        print(head + " frames per CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for engine, workers in configs:
-            t = best[engine, workers]
-            ratio = best["pool", workers] / t
+            t, c = best[engine, workers], cpu[engine, workers]
             print(
                 f"| {engine} | {workers} | {t:.2f} | {videos / t:.2f} | {frames / t:.0f} | "
-                f"{frames / t / workers:.0f} | {ratio:.2f} |"
+                f"{frames / t / workers:.0f} | {best['pool', workers] / t:.2f} | {c:.2f} | {frames / c:.0f} |"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
