@@ -116,7 +116,7 @@ def test_killed_build_resumes_to_the_same_manifest(tmp_path, synthetic_videos):
     run = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", str(tmp_path / "r")], env=env)
     assert run.returncode == -9
     out = tmp_path / "r"
-    assert not (out / "manifest.json").exists() and list(out.glob("*.tar.tmp"))
+    assert not (out / "manifest.json").exists() and list(out.glob("shard-000002.tar.*.tmp"))
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert sorted(finished) == ["shard-000000.tar", "shard-000001.tar"]
     tool = [sys.executable, str(REPO / "tools" / "make_shards.py")]
@@ -126,7 +126,7 @@ def test_killed_build_resumes_to_the_same_manifest(tmp_path, synthetic_videos):
     )
     assert json.loads((out / "manifest.json").read_text()) == straight.to_dict()
     assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rewritten
-    assert not list(out.glob("*.tmp")) and not (out / ".progress.jsonl").exists()
+    assert not list(out.glob("*.tmp")) and not (out / ".parts").exists()
     assert verify_shards(out)[0] == []
 
 
@@ -178,3 +178,17 @@ def test_oversized_member_is_not_read(tmp_path):
     samples = list(iter_tar(buf, max_member_bytes=1000))
     assert [(s.key, s.fault) for s in samples] == [("a", "member_too_large"), ("b", None)]
     assert "mp4" not in samples[0].members and samples[1].members["mp4"] == b"y" * 10
+
+
+def test_a_node_with_other_encoder_versions_refuses_to_build(tmp_path, synthetic_videos):
+    from mae_scale.data.decode import VideoLimits
+    from mae_scale.data.make_shards import InputVideo, ShardTask, build_shard
+    from mae_scale.data.shard_plan import tool_versions
+
+    item = InputVideo(str(synthetic_videos / "synthetic_00.mp4"), "synthetic_00.mp4")
+    task = ShardTask(str(tmp_path), "x-000000.tar", 0, ((0, item),), None, VideoLimits(), tool_versions())
+    assert build_shard(task)["samples"] == 1
+    other = {**tool_versions(), "libavcodec": "1.2.3"}
+    with pytest.raises(ShardBuildError, match=r"libavcodec '1.2.3' in the plan, '[0-9.]+' here"):
+        build_shard(ShardTask(str(tmp_path), "x-000001.tar", 1, ((0, item),), None, VideoLimits(), other))
+    assert not (tmp_path / "x-000001.tar").exists()

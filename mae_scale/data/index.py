@@ -92,10 +92,10 @@ class ShardIndex:
             pos = s.end
 
 
-def write_index(path: Path, index: ShardIndex) -> None:
+def write_index(path: Path, index: ShardIndex, tmp_suffix: str = ".tmp") -> None:
     from mae_scale.data.shards import write_json_atomic
 
-    write_json_atomic(Path(path), index.to_dict(), indent=None)
+    write_json_atomic(Path(path), index.to_dict(), indent=None, tmp_suffix=tmp_suffix)
 
 
 def read_index(location: str, open_fn=None) -> ShardIndex:

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mae_scale.data.decode import VideoLimits
-from mae_scale.data.shards import MAX_MEMBER_BYTES, read_manifest
+from mae_scale.data.shards import MAX_MEMBER_BYTES, beside_manifest, manifest_location, read_manifest
 from mae_scale.data.stream import BadDataError, BatchReturns, ClipStream, ShardRef, StreamSpec, stable_seed
 from mae_scale.data.transforms import ClipSpec, clip_pixels
 
@@ -377,6 +377,7 @@ def build_loader(
         raise ValueError("bad data loader settings: " + "; ".join(errors))
 
     manifest, urls = read_manifest(data_cfg.shards)
+    location = manifest_location(data_cfg.shards)
     workers = max(1, data_cfg.workers)
     slots = world_size * workers
     if manifest.total_samples < slots:
@@ -394,7 +395,10 @@ def build_loader(
             slots,
         )
     spec = StreamSpec(
-        shards=tuple(ShardRef(url, s.name, s.samples) for url, s in zip(urls, manifest.shards, strict=True)),
+        shards=tuple(
+            ShardRef(url, s.name, s.samples, beside_manifest(location, s.index) if s.index else "")
+            for url, s in zip(urls, manifest.shards, strict=True)
+        ),
         clip=clip,
         batch_size=batch_size,
         seed=seed,

@@ -15,13 +15,17 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-MEMBERS = ("mp4", "json")  # what a sample holds; nothing else is ever read, let alone unpickled
+MEMBERS = ("mp4", "json")  # what a sample of ours holds (make_shards writes these; verify_shards checks them)
+# Video members the loader reads, in order of preference: shards that other tools wrote (adopted with
+# tools/index_shards.py) may hold any of these; `KEY.json` is read too. Nothing else is ever read, let
+# alone unpickled.
+VIDEO_MEMBERS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 MAX_MEMBER_BYTES = 2 << 30  # a tar header can claim any size: never read such a member into memory
 
 
@@ -40,10 +44,15 @@ class ShardInfo:
     bytes: int
     sha256: str
     index: str = ""  # its per-sample index (index.py), relative to the manifest's folder; "" if none
+    url: str = ""  # where the tar is when not beside the manifest (an adopted shard): a path or URL
 
     def identity(self) -> dict[str, Any]:
         """What the data is (the index only says where it lies): resume positions are tied to this."""
         return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's entry: the identity, plus `index` and `url` where they are set."""
+        return {**self.identity(), **{k: v for k, v in (("index", self.index), ("url", self.url)) if v}}
 
 
 @dataclass
@@ -79,7 +88,7 @@ class Manifest:
             "total_samples": self.total_samples,
             "total_bytes": self.total_bytes,
             "rejects": self.rejects,
-            "shards": [asdict(s) if s.index else s.identity() for s in self.shards],
+            "shards": [s.to_dict() for s in self.shards],
             "build": self.build,
         }
 
@@ -102,6 +111,7 @@ class Manifest:
                     int(s["bytes"]),
                     str(s["sha256"]),
                     str(s.get("index", "")),
+                    str(s.get("url", "")),
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ManifestError(
@@ -136,6 +146,19 @@ def open_shard(url: str) -> IO[bytes]:
     return wds.gopen(url, "rb")
 
 
+def is_video_member(ext: str) -> bool:
+    """`mp4`, `webm`, ... or a compound extension ending in one (`video.mp4`), any case."""
+    return ext.lower().rpartition(".")[2] in VIDEO_MEMBERS
+
+
+def video_member(members: dict[str, bytes]) -> str | None:
+    """The member that is the sample's video: the first of VIDEO_MEMBERS it has (None: none)."""
+    found = [ext for ext in members if is_video_member(ext)]
+    if not found:
+        return None
+    return min(found, key=lambda ext: (VIDEO_MEMBERS.index(ext.lower().rpartition(".")[2]), ext))
+
+
 def split_key(name: str) -> tuple[str | None, str | None]:
     """webdataset's naming rule: the key is the path up to the first dot of the file name."""
     folder, _, base = name.rpartition("/")
@@ -156,7 +179,9 @@ def read_manifest(shards: str | Path) -> tuple[Manifest, list[str]]:
 
     A shard's URL is the manifest's location with its last `manifest.json` replaced by the shard's
     name, so `/data/k400/manifest.json`, `https://host/k400/manifest.json` and
-    `pipe:aws s3 cp s3://bucket/k400/manifest.json -` all work unchanged.
+    `pipe:aws s3 cp s3://bucket/k400/manifest.json -` all work unchanged. A shard with a `url`
+    (adopted in place by tools/index_shards.py) is read there: an absolute path or URL as it is, a
+    relative path relative to the manifest's folder.
     """
     location = manifest_location(shards)
     try:
@@ -170,12 +195,24 @@ def read_manifest(shards: str | Path) -> tuple[Manifest, list[str]]:
     manifest = Manifest.from_dict(data, location)
     if MANIFEST_NAME not in location:
         raise ManifestError(f"{location}: a manifest location must end in {MANIFEST_NAME}")
+    return manifest, [shard_location(location, s) for s in manifest.shards]
+
+
+def beside_manifest(location: str, relative: str) -> str:
+    """The location of `relative` (a path relative to the manifest's folder), in the manifest's scheme."""
     head, _, tail = location.rpartition(MANIFEST_NAME)
-    return manifest, [head + s.name + tail for s in manifest.shards]
+    return head + relative + tail
 
 
-def write_json_atomic(path: Path, obj: Any, indent: int | None = 1) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def shard_location(location: str, shard: ShardInfo) -> str:
+    """Where a shard of the manifest at `location` is read."""
+    if shard.url and (is_url(shard.url) or Path(shard.url).is_absolute()):
+        return shard.url
+    return beside_manifest(location, shard.url or shard.name)
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 1, tmp_suffix: str = ".tmp") -> None:
+    tmp = path.with_name(path.name + tmp_suffix)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=indent, sort_keys=True, separators=None if indent else (",", ":"))
         f.write("\n")
@@ -213,11 +250,14 @@ class ShardWriter:
     sha256, which lets an interrupted build resume and end with the same manifest.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tmp_suffix: str = ".tmp"):
+        """`tmp_suffix`: the temporary name is `NAME.tar` + it (make one unique per writer when two
+        attempts at the same shard might run at once, as retried cluster tasks can)."""
         from mae_scale.data.index import SpanRecorder
 
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp_suffix = tmp_suffix
+        self.tmp = self.path.with_name(self.path.name + tmp_suffix)
         self.samples = 0
         self._spans = SpanRecorder()
         self._file = open(self.tmp, "wb")
@@ -250,7 +290,7 @@ class ShardWriter:
         self._file.close()
         index = ShardIndex(self.path.name, self._out.size, tuple(self._spans.finish()))
         index.check(str(self.tmp))
-        write_index(self.path.with_name(index_name(self.path.name)), index)
+        write_index(self.path.with_name(index_name(self.path.name)), index, tmp_suffix=self.tmp_suffix)
         os.replace(self.tmp, self.path)
         return ShardInfo(
             self.path.name,
@@ -273,7 +313,7 @@ class RawSample:
     members: dict[str, bytes] = field(default_factory=dict)
     fault: str | None = None
     detail: str = ""
-    extra: list[str] = field(default_factory=list)  # names of members other than MEMBERS (never read)
+    extra: list[str] = field(default_factory=list)  # extensions of members never read (not json or video)
 
 
 def iter_tar(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[RawSample]:
@@ -307,7 +347,7 @@ def iter_tar(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES) -> It
                 seen.add(key)
             if ext in current.members or ext in current.extra:
                 current.fault, current.detail = "duplicate_member", f"{info.name} appears twice"
-            if ext not in MEMBERS:
+            if ext != "json" and not is_video_member(ext):
                 current.extra.append(ext)
             elif info.size > max_member_bytes:
                 current.fault, current.detail = "member_too_large", f"{info.name}: {info.size} bytes"

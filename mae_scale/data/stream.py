@@ -25,7 +25,15 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, RGBConverter, VideoLimits, decode_frames
-from mae_scale.data.shards import MAX_MEMBER_BYTES, MEMBERS, RawSample, iter_tar, open_shard
+from mae_scale.data.index import ShardIndexError, read_index
+from mae_scale.data.shards import (
+    MAX_MEMBER_BYTES,
+    VIDEO_MEMBERS,
+    RawSample,
+    iter_tar,
+    open_shard,
+    video_member,
+)
 from mae_scale.data.transforms import ClipSpec, empty_clips, make_clips, plan_clips
 
 BAD = object()  # marks a sample that was skipped (and counted)
@@ -46,6 +54,7 @@ class ShardRef:
     url: str
     name: str
     samples: int  # from the manifest: lets a truncated or missing shard count its lost samples
+    index: str = ""  # URL of its per-sample index: frame counts of samples whose json has none
 
 
 @dataclass
@@ -286,15 +295,20 @@ class ClipStream(IterableDataset):
         if raw.fault:
             stats.add_bad(raw.fault, item, raw.detail, item.bad)
             return BAD
-        missing = [m for m in MEMBERS if m not in raw.members]
-        if missing:
-            stats.add_bad("missing_member", item, f"no .{' .'.join(missing)}")
+        video = video_member(raw.members)
+        if video is None:
+            stats.add_bad("missing_member", item, f"no video member (.{' .'.join(VIDEO_MEMBERS)})")
             return BAD
-        try:
-            meta = json.loads(raw.members["json"])
-            frames = meta["frames"]
+        try:  # frames from the json, else from the shard's index (adopted shards: any json, or none)
+            meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
+            if not isinstance(meta, dict):
+                raise TypeError(f"expected a JSON object, got {type(meta).__name__}")
+            frames = meta["frames"] if "frames" in meta else self._index_frames(item)
+            if frames is None and "json" not in raw.members:
+                stats.add_bad("missing_member", item, "no .json, and no frame count in the shard's index")
+                return BAD
             if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-                raise ValueError(f"'frames' must be a positive int, got {frames!r}")
+                raise ValueError(f"'frames' must be a positive int (json, else index), got {frames!r}")
         except (ValueError, KeyError, TypeError) as exc:
             stats.add_bad("bad_json", item, repr(exc))
             return BAD
@@ -303,7 +317,7 @@ class ClipStream(IterableDataset):
             plan, note = plan_clips(frames, self.spec.clip, rng)
             wanted = sorted({i for clip in plan for i in clip})
             stats.decoded += 1
-            decoded = decode_frames(raw.members["mp4"], wanted, to_rgb, self.spec.limits)
+            decoded = decode_frames(raw.members[video], wanted, to_rgb, self.spec.limits)
             make_clips(decoded, plan, self.spec.clip, rng, out=out)
         except BadVideo as exc:
             stats.add_bad(exc.reason, item, exc.detail)
@@ -315,3 +329,18 @@ class ClipStream(IterableDataset):
             stats.info[note] += 1
         stats.samples += 1
         return meta.get("label")
+
+    def _index_frames(self, item: Item) -> int | None:
+        """The frame count that `item`'s shard index holds for it (None: no index, or none there).
+        Kept for the last few shards: a stream reads its shards one after the other."""
+        cache = self.__dict__.setdefault("_frames_cache", {})  # shard name -> {key: frames}
+        if item.shard not in cache:
+            ref = next((s for s in self.spec.shards if s.name == item.shard), None)
+            try:
+                index = read_index(ref.index) if ref is not None and ref.index else None
+            except ShardIndexError:
+                index = None  # the sample then has no frame count: counted bad by the caller
+            cache[item.shard] = {} if index is None else {s.key: s.frames for s in index.samples}
+            while len(cache) > 4:
+                del cache[next(iter(cache))]
+        return cache[item.shard].get(item.raw.key)
