@@ -653,3 +653,7 @@ def test_bench_tool_runs(capsys):
     full, dual = (forward_flops("tiny", img_size=32, num_frames=8, pred_t_dim=4, mask_ratio=0.75,
                                 decoder_mask_ratio=r)["total"] for r in (0.0, 0.5))  # fmt: skip
     assert "decoder_mask_ratio 0.5 vs 0: step time x" in out and f"FLOPs x{dual / full:.3f}" in out
+    bench.main([*args.split(), "--device", "cpu", "--precision", "fp32", "bf16-weights", "bf16"])
+    out = capsys.readouterr().out
+    assert "precision=fp32,bf16-weights,bf16" in out and "precision bf16-weights: step" in out
+    assert "precision bf16-weights vs fp32: step time x" in out and "precision bf16 vs fp32: CPU time" in out

@@ -27,7 +27,7 @@ def auto_precision() -> str:
     """bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AMX-BF16), else fp32.
 
     Measured on CPUs without AMX, a ViT-B step is slower in bf16 than in fp32: 1.9x on an Intel Xeon
-    with AVX512-BF16, more on an AMD EPYC with AVX2 only (BENCHMARKS.md, "precision on CPU").
+    with AVX512-BF16, 20x on an AMD EPYC with AVX2 only (BENCHMARKS.md, "Precision on CPU").
     """
     from mae_scale import hardware
 
