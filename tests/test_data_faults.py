@@ -215,9 +215,18 @@ def test_verify_names_every_fault(faulty, demo_shards):
             line for line in lines if line.startswith(f"FAULT {shard} {key}") and f": {reason}: " in line
         ]
         assert found, (shard, key, reason, run.stdout)
-    assert "faults (" in lines[-1] and not marker.exists()
+    assert not marker.exists()
     faults, _ = verify_shards(shards, limits=VideoLimits(MAX_PIXELS))
-    assert len(faults) == len([line for line in lines if line.startswith("FAULT")])
+    fault_lines = [line for line in lines if line.startswith("FAULT")]
+    assert len(faults) == len(fault_lines)
+    # the closing table: the verdict, then shards, samples, faults by reason, bytes, time
+    title = next(i for i, line in enumerate(lines) if line.startswith(f"verify_shards: {shards}:"))
+    assert f": {len(faults)} faults (" in lines[title]
+    rows = dict(line.strip().rsplit(maxsplit=1) for line in lines[title + 1 :] if "  " in line.strip())
+    by_reason = Counter(f.reason for f in faults)
+    assert rows["shards"] == "7" and rows["faults"] == str(len(faults))
+    assert {r: int(rows[r]) for r in by_reason} == dict(by_reason)
+    assert lines[title + 1 :] and lines[-1].strip().startswith("time")
 
 
 @pytest.mark.slow
