@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if summary["last_clips"] is not None and not summary["stopped_by_signal"]:
             from mae_scale.viz import save_training_reconstruction
 
-            path = save_training_reconstruction(cfg, built, summary["last_clips"], rank=rank)
+            path = save_training_reconstruction(
+                cfg, built, summary["last_clips"], summary["last_keys"], summary["step"], rank=rank
+            )
             if path is not None:
                 print(f"[mae-scale] done at step {summary['step']}; reconstructions: {path}", file=sys.stderr)
     finally:

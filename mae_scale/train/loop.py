@@ -166,13 +166,13 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     elif restored is not None:  # another world size: the old ranks' streams do not map to ours
         D.seed_everything(cfg.seed, rank, start_step)
     stopped_by_signal = False
-    last_clips = None
+    last_clips = last_keys = None
     try:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             batch = next(it)
             t_data = time.perf_counter() - t0
-            last_clips = batch["clips"]
+            last_clips, last_keys = batch["clips"], batch["keys"]
             clips = normalize_clips(batch["clips"], cfg.data.mean, cfg.data.std, dtype)
             loss, _, _ = engine(clips)
             loss_value = loss.item()  # syncs: needed to agree on skipping a non-finite step before backward
@@ -233,7 +233,13 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                 from mae_scale.viz import save_training_reconstruction
 
                 save_training_reconstruction(
-                    cfg, built, batch["clips"], rank=rank, path=run_dir / "images" / f"step_{step:08d}.png"
+                    cfg,
+                    built,
+                    batch["clips"],
+                    batch["keys"],
+                    step,
+                    rank=rank,
+                    path=run_dir / "images" / f"step_{step:08d}.png",
                 )
             due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
             if stop_agreed or step == cfg.train.steps or due:
@@ -263,6 +269,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         "skipped_steps": skipped_total,
         "start_step": start_step,
         "last_clips": last_clips,
+        "last_keys": last_keys,
     }
 
 
