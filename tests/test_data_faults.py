@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from launch import metrics, torchrun
+from launch import metrics, pretrain, torchrun
 
 from mae_scale.config import DataConfig
 from mae_scale.data.decode import VideoLimits
@@ -307,24 +307,22 @@ def faulty_for_training(tmp_path_factory, demo_shards, index_video):
 @pytest.mark.slow
 def test_training_counts_bad_samples_by_reason_over_ranks(tmp_path, faulty_for_training):
     """2 ranks, each reading 2 of the 4 shards per epoch (1 step per epoch): the metrics rows count
-    every injected reason exactly, summed over the ranks, since the start; each reason's first
-    example is named once; summary.json agrees with the last row."""
+    every injected reason exactly, summed over the ranks, since the start (also across a resume on
+    another world size); each reason's first example is named once; summary.json agrees."""
     run = tmp_path / "run"
-    proc = torchrun(
-        [
-            "--config",
-            "demo",
-            f"run.dir={run}",
-            f"data.shards={faulty_for_training}",
-            "data.shuffle_buffer=0",
-            "data.max_bad_ratio=1.0",
-            f"data.max_pixels={MAX_PIXELS}",
-            "train.steps=3",
-            "log.every_steps=1",
-            "log.wandb=off",
-            "checkpoint.every_steps=0",
-        ]
-    )
+    args = [
+        "--config",
+        "demo",
+        f"run.dir={run}",
+        f"data.shards={faulty_for_training}",
+        "data.shuffle_buffer=0",
+        "data.max_bad_ratio=1.0",
+        f"data.max_pixels={MAX_PIXELS}",
+        "log.every_steps=1",
+        "log.wandb=off",
+        "checkpoint.every_steps=0",
+    ]
+    proc = torchrun([*args, "train.steps=3"])
     per_epoch = Counter(reason for faults in IN_TRAINING.values() for _, reason in faults)
     rows = [m for m in metrics(run) if "loss" in m]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -344,3 +342,9 @@ def test_training_counts_bad_samples_by_reason_over_ranks(tmp_path, faulty_for_t
     table = console[console.index("[mae-scale] run summary:") :]
     assert re.search(rf"\n  bad samples +{rows[-1]['bad_samples']}\n", table)
     assert re.search(r"\n    frames_mismatch +3\n", table)
+
+    # resumed on one rank: the old ranks' counts carry over, and its one step reads 2 whole shards
+    pretrain([*args, "train.steps=4"])
+    last = [m for m in metrics(run) if "loss" in m][-1]
+    assert last["step"] == 4 and last["bad_samples"] == rows[-1]["bad_samples"] + 4
+    assert all(last["bad_by_reason"][r] >= n for r, n in rows[-1]["bad_by_reason"].items())
