@@ -251,6 +251,10 @@ def test_non_finite_losses_are_skipped_counted_then_stop_the_run(tmp_path, demo_
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr
     assert "batch skipped" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())  # an error still ends with the summary
+    assert summary["ended"].startswith("error: NonFiniteLossError: 3 consecutive non-finite losses")
+    assert summary["skipped_steps"] == 3
+    assert f"[mae-scale] run summary: {run} (error: NonFiniteLossError" in proc.stderr
 
 
 def test_zero3_init_gives_the_same_weights_as_a_plain_build(tmp_path):
