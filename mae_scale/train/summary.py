@@ -53,7 +53,8 @@ def fault_stats(loader_stats: dict) -> dict:
 
 
 def command(tool: str, *args: object) -> str:
-    """A shell command running `tools/TOOL` with this interpreter, paths relative to here when shorter."""
+    """A shell command running `tools/TOOL` with this interpreter; paths inside the working directory
+    are shown relative to it."""
     return shlex.join([_short(sys.executable), _short(REPO / "tools" / tool), *(str(a) for a in args)])
 
 
