@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mae_scale.config import DEMO_SHARDS, Config, ConfigError
+from mae_scale.hardware import HostError, require_shared_memory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         from mae_scale.train.engine import build_ds_config
 
         build_ds_config(cfg, world_hint)  # a conflicting DeepSpeed file fails here, before any work
+        check_host(cfg)
         resume = _resume_choice(cfg, args)
-    except ConfigError as e:
+    except (ConfigError, HostError) as e:
         print(f"mae_scale.pretrain: {e}", file=sys.stderr)
         return 2
     if cfg.data.shards == DEMO_SHARDS:  # the embedded demo set is built from real clips on first use
@@ -71,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         D.shutdown()
     return 0
+
+
+def check_host(cfg: Config) -> None:
+    """What the config needs of this machine, checked before any work: the node's /dev/shm holds
+    the loader batches of all its ranks (LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from deepspeed)."""
+    from mae_scale.data.loader import shared_memory_per_rank
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    need = local_ranks * shared_memory_per_rank(cfg.data, cfg.train.batch_size)
+    require_shared_memory(need, f"{local_ranks} rank(s) x data.workers={cfg.data.workers} loader workers")
 
 
 def _resumes_from_other_world(cfg: Config, resume: str | None, world: int) -> bool:

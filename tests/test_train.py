@@ -63,6 +63,8 @@ def test_zero3_two_ranks_loss_falls_and_parameters_are_partitioned(zero3_run):
     assert _falls(losses), losses
     start = _start(zero3_run)
     assert start["zero_stage"] == 3 and start["world_size"] == 2
+    host = start["hardware"]  # which machine ran it, as `python -m mae_scale.hardware` prints it
+    assert host["cpu"] and host["cores"] >= 1 and host["deepspeed_accelerator"]["name"] == "cpu"
     total, per_rank = start["params_total"], start["params_per_rank"]
     assert len(per_rank) == 2
     for held in per_rank:  # each rank holds about half (ZeRO pads partitions to equal size)

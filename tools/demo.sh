@@ -6,13 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  NPROC=$(nvidia-smi -L | wc -l)
-else
-  export DS_ACCELERATOR=cpu
-  NPROC=${NPROC:-2}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-fi
+source tools/host.sh
+eval "$(host_plan)"
+[ "$NGPU" -gt 0 ] || export DS_ACCELERATOR OMP_NUM_THREADS
 export WANDB_MODE=${WANDB_MODE:-offline}
 .venv/bin/python -c "from mae_scale.data.demo import ensure_demo_shards; print('[demo] shards:', ensure_demo_shards('shards/demo'))"
 PORT=${MASTER_PORT:-$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}

@@ -7,11 +7,8 @@ cd "$(dirname "$0")/.."
 VENV=${MAE_SCALE_VENV:-.venv}
 PY=${PYTHON:-python3}
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  TORCH_SPEC=${TORCH_SPEC:-"torch>=2.4,<2.14"}
-else
-  TORCH_SPEC=${TORCH_SPEC:-"torch==2.13.0"}
-fi
+source tools/host.sh
+eval "$(host_plan)"
 stamp_want="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.mae_scale_stamp" 2>/dev/null)" = "$stamp_want" ]; then
   exit 0
@@ -20,12 +17,5 @@ echo "[setup] creating $VENV ($TORCH_SPEC)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" -e ".[dev]"
-# DeepSpeed JIT-builds its shared-memory all-reduce op on first init_distributed (about 30 s on CPU);
-# build it once here, serially, so parallel ranks and tests do not race to build it.
-DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} "$VENV/bin/python" - <<'PY' >/dev/null 2>&1 || echo "[setup] note: shm_comm op not built (CPU all-reduce falls back to gloo)" >&2
-from deepspeed.accelerator import get_accelerator
-if get_accelerator().device_name() == "cpu":
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
-PY
 echo "$stamp_want" > "$VENV/.mae_scale_stamp"
 echo "[setup] done" >&2

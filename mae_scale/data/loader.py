@@ -417,3 +417,12 @@ def build_loader(
         multiprocessing_context=multiprocessing_context,
         source=str(data_cfg.shards),
     )
+
+
+def shared_memory_per_rank(data_cfg: Any, batch_size: int, prefetch_factor: int = 2) -> int:
+    """Bytes of /dev/shm one rank's workers may hold: each keeps `prefetch_factor + 3` batches for
+    reuse (`BatchReturns.keep`) and up to 2 more while the trainer holds on to batches."""
+    if data_cfg.workers == 0:
+        return 0
+    clip = data_cfg.num_frames * data_cfg.size**2 * 3  # uint8 (C, T, H, W)
+    return data_cfg.workers * (prefetch_factor + 5) * batch_size * data_cfg.repeats * clip

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, VideoLimits, probe
 from mae_scale.data.encode import EncodeOptions, transcode
+from mae_scale.data.index import INDEX_SUFFIX
 from mae_scale.data.shards import (
     MANIFEST_NAME,
     Manifest,
@@ -40,6 +41,7 @@ from mae_scale.data.shards import (
     shard_name,
     write_json_atomic,
 )
+from mae_scale.hardware import usable_cores
 from mae_scale.report import by_reason_rows, format_table, human_bytes, human_duration
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"}
@@ -168,12 +170,14 @@ def _resume(out: Path, fingerprint: str) -> tuple[list[ShardInfo], list[dict], i
             path = out / shard.name
             if not path.exists() or path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
                 break  # damaged after it was finished: rebuild from here
+            if shard.index and not (out / shard.index).exists():
+                break
             entries.append(entry)
     elif any(out.glob("*.tar")):
         raise ShardBuildError(f"{out} holds .tar files from an unknown build; use another --out or empty it")
     shards = [ShardInfo(**e["shard"]) for e in entries]
-    known = {s.name for s in shards}
-    for path in list(out.glob("*.tar")) + list(out.glob("*.tar.tmp")):
+    known = {s.name for s in shards} | {s.index for s in shards}
+    for path in [*out.glob("*.tar"), *out.glob("*.tar.tmp"), *out.glob("*" + INDEX_SUFFIX + "*")]:
         if path.name not in known:
             path.unlink()  # after the last good shard, or half-written when the run was killed
     with open(progress, "w") as f:
@@ -295,7 +299,8 @@ def _pack(
                 pending.append(result["reject"])
                 continue
             writer = writer or ShardWriter(out / shard_name(name, len(shards)))
-            writer.add(result["key"], {"mp4": result["mp4"], "json": json.dumps(result["meta"]).encode()})
+            members = {"mp4": result["mp4"], "json": json.dumps(result["meta"]).encode()}
+            writer.add(result["key"], members, frames=result["meta"]["frames"])
             if writer.bytes >= shard_bytes or (max_samples is not None and writer.samples >= max_samples):
                 finish(writer, result["index"])
                 writer = None
@@ -348,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target bytes per shard")
     p.add_argument("--max-samples-per-shard", type=int, default=None, help="also close a shard at this count")
-    p.add_argument("--workers", type=int, default=max(1, (multiprocessing.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
     p.add_argument("--seed", type=int, default=0, help="seed of the input shuffle (default: 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the sorted input order")
     p.add_argument("--label-from-dir", action="store_true", help="folder input: label = parent folder name")

@@ -39,6 +39,11 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    index: str = ""  # its per-sample index (index.py), relative to the manifest's folder; "" if none
+
+    def identity(self) -> dict[str, Any]:
+        """What the data is (the index only says where it lies): resume positions are tied to this."""
+        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
 
 
 @dataclass
@@ -56,9 +61,14 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def indexed(self) -> bool:
+        """Every shard has a per-sample index, so streams can start mid-shard."""
+        return all(s.index for s in self.shards)
+
     def fingerprint(self) -> str:
         """Identity of the data (shard names, counts, hashes): a resume position is only valid for it."""
-        text = json.dumps([asdict(s) for s in self.shards], sort_keys=True)
+        text = json.dumps([s.identity() for s in self.shards], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,7 +79,7 @@ class Manifest:
             "total_samples": self.total_samples,
             "total_bytes": self.total_bytes,
             "rejects": self.rejects,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [asdict(s) if s.index else s.identity() for s in self.shards],
             "build": self.build,
         }
 
@@ -86,7 +96,13 @@ class Manifest:
         shards = []
         for i, s in enumerate(d["shards"]):
             try:
-                info = ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
+                info = ShardInfo(
+                    str(s["name"]),
+                    int(s["samples"]),
+                    int(s["bytes"]),
+                    str(s["sha256"]),
+                    str(s.get("index", "")),
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ManifestError(
                     f"{where}: shards[{i}] needs name, samples, bytes, sha256 ({exc!r})"
@@ -158,10 +174,10 @@ def read_manifest(shards: str | Path) -> tuple[Manifest, list[str]]:
     return manifest, [head + s.name + tail for s in manifest.shards]
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=True, separators=None if indent else (",", ":"))
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -190,16 +206,20 @@ class _HashingWriter(io.RawIOBase):
 
 
 class ShardWriter:
-    """One shard: members go to `NAME.tar.tmp`; `close()` fsyncs and renames it to `NAME.tar`.
+    """One shard: members go to `NAME.tar.tmp`; `close()` fsyncs and renames it to `NAME.tar`, after
+    writing its per-sample index to `NAME.tar.idx.json` (index.py).
 
     Tar headers are fixed (mtime 0, no owner), so the same samples always give the same bytes and
     sha256, which lets an interrupted build resume and end with the same manifest.
     """
 
     def __init__(self, path: Path):
+        from mae_scale.data.index import SpanRecorder
+
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.samples = 0
+        self._spans = SpanRecorder()
         self._file = open(self.tmp, "wb")
         self._out = _HashingWriter(self._file)
         self._tar = tarfile.open(fileobj=self._out, mode="w|", format=tarfile.PAX_FORMAT)
@@ -209,22 +229,36 @@ class ShardWriter:
         """Tar bytes so far (the stream buffers, so this is the archive's offset, not the file's size)."""
         return self._tar.offset
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
+    def add(self, key: str, members: dict[str, bytes], frames: int | None = None) -> None:
+        """`frames`: the video's frame count, recorded in the index (the loader plans clips from it)."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits on them)")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
+            start = self._tar.offset
             self._tar.addfile(info, io.BytesIO(data))
+            self._spans.member(key, start, self._tar.offset, frames)
         self.samples += 1
 
     def close(self) -> ShardInfo:
+        from mae_scale.data.index import ShardIndex, index_name, write_index
+
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        index = ShardIndex(self.path.name, self._out.size, tuple(self._spans.finish()))
+        index.check(str(self.tmp))
+        write_index(self.path.with_name(index_name(self.path.name)), index)
         os.replace(self.tmp, self.path)
-        return ShardInfo(self.path.name, self.samples, self._out.size, self._out.hash.hexdigest())
+        return ShardInfo(
+            self.path.name,
+            self.samples,
+            self._out.size,
+            self._out.hash.hexdigest(),
+            index_name(self.path.name),
+        )
 
     def abort(self) -> None:
         self._file.close()

@@ -14,6 +14,14 @@ def init_distributed() -> tuple[int, int, int]:
     """Join the launcher's process group (or a group of one); returns (rank, local_rank, world)."""
     import deepspeed
 
+    from mae_scale import hardware
+
+    hardware.pin_extension_cache()
+    # DeepSpeed's shared-memory all-reduce op serves only tensor-parallel inference
+    # (`inference_all_reduce`); training collectives go through torch.distributed. Building it costs
+    # about 30 s of g++ on first use and compiles vector code chosen by the building CPU (AVX-512 or
+    # AVX2), so it is not built at all: one host-dependent binary less.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names every step: keep the console readable.
     warnings.filterwarnings(
         "ignore",

@@ -20,21 +20,38 @@ OWNED_KEYS = (
 )
 
 
-def resolve_precision(cfg: Config) -> str:
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def auto_precision() -> str:
     """bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AMX-BF16), else fp32.
 
-    AVX512-BF16 alone is not enough: on such a CPU a ViT-B step measured 1.9x slower in bf16 than
-    in fp32 (BENCHMARKS.md). `train.precision=bf16` still forces it.
+    Measured on CPUs without AMX, a ViT-B step is slower in bf16 than in fp32: 1.9x on an Intel Xeon
+    with AVX512-BF16, more on an AMD EPYC with AVX2 only (BENCHMARKS.md, "precision on CPU").
     """
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
+    from mae_scale import hardware
+
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return "fp32"
-    return "bf16" if "amx_bf16" in flags else "fp32"
+    if "amx_bf16" in hardware.cpu_flags() and hardware.accelerator_answers()["bf16"]:
+        return "bf16"
+    return "fp32"
+
+
+def resolve_precision(cfg: Config) -> str:
+    """The run's precision; `train.precision=bf16` forces bf16 wherever the device has it at all."""
+    if cfg.train.precision == "auto":
+        return auto_precision()
+    if cfg.train.precision == "bf16":
+        from mae_scale import hardware
+
+        answers = hardware.accelerator_answers()
+        if not answers["bf16"]:
+            raise ConfigError(
+                f"train.precision='bf16': the {answers['name']} accelerator reports no bf16 support "
+                "(DeepSpeed would refuse it); use train.precision=fp32 or auto"
+            )
+    return cfg.train.precision
 
 
 def clips_per_micro_step(cfg: Config) -> int:
@@ -113,6 +130,10 @@ def build_model(cfg: Config, ds: dict, seed: int) -> torch.nn.Module:
     from mae_scale.model.mae import MaskedAutoencoderViT, init_module_
 
     stage3 = zero_stage(ds) == 3
+    # dtype=None: zero.Init then takes the dtype from the config's bf16 flag. A dtype passed in is
+    # ignored on an accelerator that reports no fp16 (DeepSpeed 0.19.8 `_set_dtype` parses
+    # `dtype or fp16 if fp16_ok else bf16 ...` as `(dtype or fp16) if fp16_ok else bf16`), which built
+    # bf16 parameters for fp32 runs on AMD CPUs. check_dtypes() below catches any such surprise.
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage3, dtype=None):
         model = MaskedAutoencoderViT(**model_kwargs(cfg))
     rng = torch.random.get_rng_state()
@@ -127,6 +148,33 @@ def build_model(cfg: Config, ds: dict, seed: int) -> torch.nn.Module:
     if cfg.model.checkpoint_activations:
         apply_activation_checkpointing(model, every=cfg.model.checkpoint_activations)
     return model
+
+
+class PrecisionError(RuntimeError):
+    """Parameters in another dtype than the run's precision: the message names one and the cause."""
+
+
+def check_dtypes(engine: Any, precision: str) -> None:
+    """Stop before the first step if any parameter (or its ZeRO-3 partition) is not in `precision`.
+
+    Without this, a dtype DeepSpeed picked on its own surfaces as a crash deep inside conv3d
+    ("Input type (float) and bias type (c10::BFloat16) should be the same") at the first step.
+    """
+    want = PRECISION_DTYPES[precision]
+    wrong = [
+        (name, t.dtype)
+        for name, p in engine.module.named_parameters()
+        for t in (p, getattr(p, "ds_tensor", p))
+        if t.dtype != want
+    ]
+    if wrong:
+        name, got = wrong[0]
+        raise PrecisionError(
+            f"parameter {name!r} is {got}, but train.precision resolved to {precision} ({want}); "
+            f"{len({n for n, _ in wrong})} parameters differ. DeepSpeed chose the dtype itself: zero.Init "
+            "and the engine follow the accelerator's capability answers (python -m mae_scale.hardware "
+            "prints them) and the config's bf16/fp16 flags; check ds_configs and train.precision."
+        )
 
 
 def no_decay(name: str, shape: torch.Size) -> bool:
@@ -188,10 +236,12 @@ def build_engine(cfg: Config, world_size: int, load_universal: bool = False) -> 
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+    precision = "bf16" if ds["bf16"]["enabled"] else "fp32"
+    check_dtypes(engine, precision)
     return Built(
         engine=engine,
         ds_config=ds,
-        precision="bf16" if ds["bf16"]["enabled"] else "fp32",
+        precision=precision,
         peak_lr=lr,
         clips_per_step=clips_per_step,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mae_scale import hardware
 from mae_scale.config import Config
 from mae_scale.model.checkpointing import checkpointed_blocks
 from mae_scale.train import dist as D
@@ -152,6 +153,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             "attention": engine.module.attention_backend(),
             "checkpointed_blocks": len(checkpointed_blocks(engine.module)),
             "world_size": world_size,
+            "hardware": hardware.report(),  # which machine (CPU flags, accelerator answers) ran this
         },
     )
     faults = FaultTally(carried_faults)
