@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = build_loader(
             cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed, rank=rank, world_size=world
         )
-        summary = train(cfg, built, loader, rank=rank, world_size=world, resume=resume)
-        if summary["last_clips"] is not None and not summary["stopped_by_signal"]:
-            from mae_scale.viz import save_training_reconstruction
-
-            path = save_training_reconstruction(cfg, built, summary["last_clips"], rank=rank)
-            if path is not None:
-                print(f"[mae-scale] done at step {summary['step']}; reconstructions: {path}", file=sys.stderr)
+        train(cfg, built, loader, rank=rank, world_size=world, resume=resume)  # ends with its summary
     finally:
         D.shutdown()
     return 0

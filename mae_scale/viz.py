@@ -2,16 +2,28 @@
 
 norm-pix predictions are un-normalized with each patch's own mean and std (taken from the target
 patch), which is why reconstructions from other codebases often "look wrong" (PAINS: mae #185).
+Every picture is labelled (which clip, step and mask; which row; which frame) and small frames are
+enlarged by whole pixels, so a 16 px patch of a 64 px clip stays a sharp square.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mae_scale.model.patches import patchify, target_frame_indices, unpatchify
+
+ROW_LABELS = ("original", "masked input", "reconstruction")
+MIN_FRAME_PX = 128  # frames with a shorter side are enlarged (nearest neighbour) to at least this
+FONT_PX = 13
+BACKGROUND = (255, 255, 255)
+INK = (0, 0, 0)
+PAD = 4  # pixels around text and between clips
+GAP = 2  # pixels between frames
 
 
 def reconstruction_grid(
@@ -57,6 +69,110 @@ def reconstruction_grid(
     return (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each part of a labelled picture goes, in output pixels; boxes are (x0, y0, x1, y1).
+
+    Per clip, top to bottom: a header line, the frame indices, then the three rows of frames with
+    their labels in a column on the left. Frames are GAP apart, clips PAD apart.
+    """
+
+    clips: int
+    frames: int
+    frame_h: int  # one frame as drawn (enlarged)
+    frame_w: int
+    label_w: int
+    text_h: int
+
+    @property
+    def clip_h(self) -> int:
+        return 2 * self.text_h + len(ROW_LABELS) * (self.frame_h + GAP)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the picture."""
+        return self.label_w + self.frames * (self.frame_w + GAP), self.clips * (self.clip_h + PAD) - PAD
+
+    def top(self, clip: int) -> int:
+        return clip * (self.clip_h + PAD)
+
+    def header_box(self, clip: int) -> tuple[int, int, int, int]:
+        return 0, self.top(clip), self.size[0], self.top(clip) + self.text_h
+
+    def index_box(self, clip: int, frame: int) -> tuple[int, int, int, int]:
+        x, y = self.label_w + frame * (self.frame_w + GAP), self.top(clip) + self.text_h
+        return x, y, x + self.frame_w, y + self.text_h
+
+    def label_box(self, clip: int, row: int) -> tuple[int, int, int, int]:
+        y = self.top(clip) + 2 * self.text_h + row * (self.frame_h + GAP)
+        return 0, y, self.label_w, y + self.frame_h
+
+    def frame_box(self, clip: int, row: int, frame: int) -> tuple[int, int, int, int]:
+        x = self.label_w + frame * (self.frame_w + GAP)
+        y = self.top(clip) + 2 * self.text_h + row * (self.frame_h + GAP)
+        return x, y, x + self.frame_w, y + self.frame_h
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=FONT_PX)  # Pillow's bundled font: no system fonts needed
+
+
+def layout_for(clips: int, frames: int, height: int, width: int) -> Layout:
+    """The layout of `clips` clips of `frames` frames of height x width pixels (before enlarging)."""
+    scale = max(1, math.ceil(MIN_FRAME_PX / min(height, width)))
+    font = _font()
+    label_w = math.ceil(max(font.getlength(label) for label in ROW_LABELS)) + 2 * PAD
+    text_h = FONT_PX + 2 * PAD
+    return Layout(clips, frames, height * scale, width * scale, label_w, text_h)
+
+
+def label_grid(
+    grid: np.ndarray, *, headers: list[str], frames: list[int], frame_hw: tuple[int, int]
+) -> np.ndarray:
+    """Draw `reconstruction_grid`'s output with labels: `headers` (one per clip) and `frames` (the
+    clip frame index of each column); `frame_hw`: one frame's (height, width) in `grid`."""
+    from PIL import Image, ImageDraw
+
+    height, width = frame_hw
+    clips = grid.shape[0] // (len(ROW_LABELS) * height)
+    if len(headers) != clips or len(frames) * width != grid.shape[1]:
+        raise ValueError(
+            f"grid {grid.shape} holds {clips} clips of {grid.shape[1] // width} frames; "
+            f"got {len(headers)} headers and {len(frames)} frame indices"
+        )
+    layout = layout_for(clips, len(frames), height, width)
+    scale = layout.frame_h // height
+    picture = Image.new("RGB", layout.size, BACKGROUND)
+    draw, font = ImageDraw.Draw(picture), _font()
+    for c in range(clips):
+        draw.text((PAD, layout.header_box(c)[1] + PAD), headers[c], fill=INK, font=font)
+        for f, index in enumerate(frames):
+            x0, y0, x1, _ = layout.index_box(c, f)
+            draw.text(((x0 + x1) // 2, y0 + PAD), f"frame {index}", fill=INK, font=font, anchor="mt")
+        for r, label in enumerate(ROW_LABELS):
+            _, y0, _, y1 = layout.label_box(c, r)
+            draw.text((PAD, (y0 + y1) // 2), label, fill=INK, font=font, anchor="lm")
+            y = (c * len(ROW_LABELS) + r) * height
+            for f in range(len(frames)):
+                frame = grid[y : y + height, f * width : (f + 1) * width]
+                enlarged = frame.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest: sharp patches
+                picture.paste(Image.fromarray(enlarged), layout.frame_box(c, r, f)[:2])
+    return np.asarray(picture)
+
+
+def clip_headers(keys: list[str], step: int | None, mask_type: str, mask_ratio: float) -> list[str]:
+    """One line per clip: its sample key (and which of the key's repeated clips), step and mask."""
+    headers, seen = [], {}
+    for key in keys:
+        seen[key] = seen.get(key, 0) + 1
+        repeat = f" (clip {seen[key]})" if keys.count(key) > 1 else ""
+        at = f"step {step}" if step is not None else "untrained"
+        headers.append(f"{key}{repeat}  |  {at}  |  mask {mask_type} {mask_ratio:.2f}")
+    return headers
+
+
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
 
@@ -69,14 +185,18 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def reconstruct(
-    model: torch.nn.Module, imgs: torch.Tensor, kwargs: dict, mean, std, seed: int = 0
+def reconstruction_picture(
+    model: torch.nn.Module, imgs: torch.Tensor, cfg, *, keys: list[str], step: int | None, seed: int = 0
 ) -> np.ndarray:
-    """Run `model` on normalized clips with a seeded mask and draw the grid (collective under ZeRO-3).
+    """The labelled picture of normalized clips `imgs` (at most 4) under a seeded mask; the one
+    function behind the end-of-run picture, `log.image_every_steps` and tools/visualize.py.
+    Collective under ZeRO-3 (every rank runs the forward). The decoder runs without its own mask
+    (`decoder_mask_ratio=0`), so every patch is reconstructed also for a model trained with dual
+    masking."""
+    from mae_scale.train.engine import model_kwargs
 
-    The decoder runs without its own mask (`decoder_mask_ratio=0`), so every patch is reconstructed
-    also for a model trained with dual masking.
-    """
+    kwargs = model_kwargs(cfg)
+    imgs = imgs[:4]
     was_training = model.training
     model.eval()
     gen_state = torch.random.get_rng_state()
@@ -84,7 +204,7 @@ def reconstruct(
     _, pred, mask = model(imgs, decoder_mask_ratio=0.0)
     torch.random.set_rng_state(gen_state)
     model.train(was_training)
-    return reconstruction_grid(
+    grid = reconstruction_grid(
         imgs,
         pred,
         mask,
@@ -92,23 +212,27 @@ def reconstruct(
         t_patch_size=kwargs["t_patch_size"],
         pred_t_dim=kwargs["pred_t_dim"],
         norm_pix_loss=kwargs["norm_pix_loss"],
-        mean=mean,
-        std=std,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+    )
+    _, _, T, H, W = imgs.shape
+    return label_grid(
+        grid,
+        headers=clip_headers(list(keys[: len(imgs)]), step, cfg.model.mask_type, cfg.model.mask_ratio),
+        frames=target_frame_indices(T, kwargs["pred_t_dim"]).tolist(),
+        frame_hw=(H, W),
     )
 
 
 def save_training_reconstruction(
-    cfg, built, clips_uint8: torch.Tensor, *, rank: int, path: Path | None = None
+    cfg, built, clips_uint8: torch.Tensor, keys: list[str], step: int, *, rank: int, path: Path | None = None
 ) -> Path | None:
     """Every rank runs the forward (ZeRO-3 gathers collectively), rank 0 writes `path`."""
-    from mae_scale.train.engine import model_kwargs
     from mae_scale.train.loop import normalize_clips
 
     dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
     imgs = normalize_clips(clips_uint8[:4], cfg.data.mean, cfg.data.std, dtype)
-    picture = reconstruct(
-        built.engine.module, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=cfg.seed
-    )
+    picture = reconstruction_picture(built.engine.module, imgs, cfg, keys=keys, step=step, seed=cfg.seed)
     if rank != 0:
         return None
     return save_png(picture, path or cfg.run_dir / "reconstruction.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from launch import metrics, pretrain, torchrun
 
 from mae_scale.config import DataConfig
 from mae_scale.data.decode import VideoLimits
@@ -215,9 +217,18 @@ def test_verify_names_every_fault(faulty, demo_shards):
             line for line in lines if line.startswith(f"FAULT {shard} {key}") and f": {reason}: " in line
         ]
         assert found, (shard, key, reason, run.stdout)
-    assert "faults (" in lines[-1] and not marker.exists()
+    assert not marker.exists()
     faults, _ = verify_shards(shards, limits=VideoLimits(MAX_PIXELS))
-    assert len(faults) == len([line for line in lines if line.startswith("FAULT")])
+    fault_lines = [line for line in lines if line.startswith("FAULT")]
+    assert len(faults) == len(fault_lines)
+    # the closing table: the verdict, then shards, samples, faults by reason, bytes, time
+    title = next(i for i, line in enumerate(lines) if line.startswith(f"verify_shards: {shards}:"))
+    assert f": {len(faults)} faults (" in lines[title]
+    rows = dict(line.strip().rsplit(maxsplit=1) for line in lines[title + 1 :] if "  " in line.strip())
+    by_reason = Counter(f.reason for f in faults)
+    assert rows["shards"] == "7" and rows["faults"] == str(len(faults))
+    assert {r: int(rows[r]) for r in by_reason} == dict(by_reason)
+    assert lines[title + 1 :] and lines[-1].strip().startswith("time")
 
 
 @pytest.mark.slow
@@ -246,3 +257,94 @@ def test_decoding_many_clips_does_not_grow_memory(demo_shards, workers):
     assert loader.stats()["samples"] == 400
     for b, a in zip(before, after, strict=True):
         assert a - b < 25, f"RSS grew from {b:.0f} MB to {a:.0f} MB (processes: {decoders})"
+
+
+IN_TRAINING = {  # shard -> crafted faults before its one real sample (so an epoch ends on a good one)
+    0: [("undecodable", "undecodable"), ("empty", "empty_video")],
+    1: [("nomp4", "missing_member"), ("badjson", "bad_json")],
+    2: [("tiny", "too_small"), ("huge", "too_large")],
+    3: [("liar", "frames_mismatch"), ("undecodable", "undecodable")],
+}
+
+
+@pytest.fixture(scope="module")
+def faulty_for_training(tmp_path_factory, demo_shards, index_video):
+    """4 shards, each some crafted faults then one real demo video; returns the folder."""
+    out = tmp_path_factory.mktemp("faulty_training")
+    manifest, urls = read_manifest(demo_shards)
+    crafted = {
+        "undecodable": (b"\x00\x01 this is no video " * 200, meta(40)),
+        "empty": (b"", meta(40)),
+        "nomp4": (None, meta(40)),
+        "badjson": (None, b"{not json"),
+        "tiny": (index_video(frames=40, codec="mpeg4", width=16, height=16), meta(40)),
+        "huge": (index_video(frames=32, codec="mpeg4", width=512, height=512), meta(32)),
+        "liar": (index_video(frames=20, codec="mpeg4", width=64, height=48), meta(5000)),
+    }
+    shards = []
+    for n, url in enumerate(urls):
+        with tarfile.open(url) as tar:
+            real = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        path = out / f"train-{n:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for key, _ in IN_TRAINING[n]:
+                mp4, js = crafted[key]
+                if key == "badjson":
+                    mp4 = real[0][1] if real[0][0].endswith(".mp4") else real[1][1]
+                if mp4 is not None:
+                    add(tar, f"s{n}{key}.mp4", mp4)
+                add(tar, f"s{n}{key}.json", js)
+            for name, data in real:
+                add(tar, name, data)
+        shards.append(ShardInfo(path.name, len(IN_TRAINING[n]) + 1, path.stat().st_size, sha256_file(path)))
+    data = json.loads((demo_shards / "manifest.json").read_text())
+    data["shards"] = [s.__dict__ for s in shards]
+    data.pop("total_samples"), data.pop("total_bytes")
+    write_json_atomic(out / "manifest.json", data)
+    return out
+
+
+@pytest.mark.slow
+def test_training_counts_bad_samples_by_reason_over_ranks(tmp_path, faulty_for_training):
+    """2 ranks, each reading 2 of the 4 shards per epoch (1 step per epoch): the metrics rows count
+    every injected reason exactly, summed over the ranks, since the start (also across a resume on
+    another world size); each reason's first example is named once; summary.json agrees."""
+    run = tmp_path / "run"
+    args = [
+        "--config",
+        "demo",
+        f"run.dir={run}",
+        f"data.shards={faulty_for_training}",
+        "data.shuffle_buffer=0",
+        "data.max_bad_ratio=1.0",
+        f"data.max_pixels={MAX_PIXELS}",
+        "log.every_steps=1",
+        "log.wandb=off",
+        "checkpoint.every_steps=0",
+    ]
+    proc = torchrun([*args, "train.steps=3"])
+    per_epoch = Counter(reason for faults in IN_TRAINING.values() for _, reason in faults)
+    rows = [m for m in metrics(run) if "loss" in m]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for epochs, row in enumerate(rows, 1):  # step k ends epoch k: every shard of it has been read
+        assert row["bad_by_reason"] == {r: n * epochs for r, n in per_epoch.items()}, row
+        assert row["bad_samples"] == sum(per_epoch.values()) * epochs
+    console = proc.stdout + proc.stderr
+    for reason in per_epoch:
+        named = [line for line in console.splitlines() if f"bad sample ({reason}), first: train-0" in line]
+        assert len(named) == 1, (reason, console[-3000:])
+    assert "bad sample (too_small), first: train-000002.tar/s2tiny: " in console
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bad_by_reason"] == rows[-1]["bad_by_reason"]
+    assert summary["bad_samples"] == rows[-1]["bad_samples"]
+    assert summary["steps"] == {"from": 0, "to": 3, "target": 3} and summary["ended"] == "finished"
+    assert summary["bad_examples"]["frames_mismatch"].startswith("train-000003.tar/s3liar: ")
+    table = console[console.index("[mae-scale] run summary:") :]
+    assert re.search(rf"\n  bad samples +{rows[-1]['bad_samples']}\n", table)
+    assert re.search(r"\n    frames_mismatch +3\n", table)
+
+    # resumed on one rank: the old ranks' counts carry over, and its one step reads 2 whole shards
+    pretrain([*args, "train.steps=4"])
+    last = [m for m in metrics(run) if "loss" in m][-1]
+    assert last["step"] == 4 and last["bad_samples"] == rows[-1]["bad_samples"] + 4
+    assert all(last["bad_by_reason"][r] >= n for r, n in rows[-1]["bad_by_reason"].items())

@@ -378,14 +378,15 @@ def test_dual_masking_refuses_settings_it_cannot_follow():
 
 
 def test_pictures_decode_every_patch_of_a_dual_masking_model():
-    """viz.reconstruct (training pictures, tools/visualize.py) runs the decoder without its mask."""
-    from mae_scale.viz import reconstruct
+    """viz.reconstruction_picture (training pictures, tools/visualize.py) runs the decoder without
+    its mask."""
+    from mae_scale.config import Config
+    from mae_scale.viz import reconstruction_picture
 
     plain, dual = tiny(mask_ratio=0.75), tiny(mask_ratio=0.75, decoder_mask_ratio=0.5)  # same weights
-    kwargs = dict(patch_size=16, t_patch_size=2, pred_t_dim=4, norm_pix_loss=True)
-    mean, std = (0.45,) * 3, (0.225,) * 3
-    picture = reconstruct(plain, clips(), kwargs, mean, std, seed=0)
-    assert (reconstruct(dual, clips(), kwargs, mean, std, seed=0) == picture).all()
+    cfg = Config.load("demo", ["model.mask_ratio=0.75"])  # the tiny 8x64 model of TINY64
+    picture = reconstruction_picture(plain, clips(), cfg, keys=["a", "b"], step=1, seed=0)
+    assert (reconstruction_picture(dual, clips(), cfg, keys=["a", "b"], step=1, seed=0) == picture).all()
 
 
 # --- patches -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 from launch import REPO, cpu_env, metrics, pretrain, step_losses, torchrun, torchrun_cmd
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -187,9 +188,34 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, demo_shards):
     tag = (run / "checkpoints" / "latest").read_text()
     step = int(tag.split("_")[1])
     assert (run / "checkpoints" / tag / "complete.json").is_file()
+    # rank 0 was not signalled itself: its summary says the stop came from another rank
+    assert f"[mae-scale] run summary: {run} (stopped by a signal to another rank)" in out
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["steps"] == {"from": 0, "to": step, "target": 10000}
+    assert stopped["checkpoint"] == str(run / "checkpoints" / tag)
+    assert stopped["pictures"]["reconstruction"] is None  # no end-of-run picture after a stop
+
     resumed = torchrun(COMMON + [f"run.dir={run}", f"train.steps={step + 2}", "checkpoint.every_steps=0"])
     assert f"at step {step}" in resumed.stderr
     assert max(step_losses(run)) == step + 2
+    assert f"[mae-scale] run summary: {run} (finished)" in resumed.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == {"from": step, "to": step + 2, "target": step + 2}
+    # the curves of the resumed run: two segments, the second from the checkpoint's step
+    from mae_scale.plots import read_segments
+
+    assert [s.start for s in read_segments(run)] == [0, step]
+    tool = [
+        sys.executable,
+        str(REPO / "tools" / "plot_metrics.py"),
+        str(run),
+        "--out",
+        str(run / "again.png"),
+    ]
+    plotted = subprocess.run(tool, capture_output=True, text=True)
+    assert plotted.returncode == 0, plotted.stderr
+    with Image.open(run / "metrics.png") as im:
+        assert im.format == "PNG" and im.size == (1100, 800)
 
 
 def test_signal_after_the_agreement_waits_for_the_next_one(tmp_path, demo_shards):

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, run, step_losses, torchrun
+from PIL import Image
 
 from mae_scale.model.presets import ARCHS
+from mae_scale.viz import layout_for
 
 STEPS = 24
 BASE = [
@@ -39,7 +42,8 @@ METRIC_KEYS = (
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, demo_shards):
     run = tmp_path_factory.mktemp("zero3") / "run"
-    torchrun(BASE + [f"run.dir={run}", "log.image_every_steps=12"])
+    proc = torchrun(BASE + [f"run.dir={run}", "log.image_every_steps=12"])
+    (run.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return run
 
 
@@ -79,12 +83,42 @@ def test_metrics_jsonl_wandb_offline_and_outputs(zero3_run):
     offline_runs = list((zero3_run / "wandb").glob("offline-run-*"))
     assert offline_runs, "wandb offline run folder missing"
     assert (zero3_run / "config.yaml").is_file()
-    assert (zero3_run / "reconstruction.png").stat().st_size > 1000
     assert sorted(p.name for p in (zero3_run / "images").iterdir()) == [
         "step_00000012.png",
         "step_00000024.png",
     ]
+    labelled = layout_for(clips=4, frames=4, height=64, width=64).size  # the demo: pred_t_dim 4, 64 px
+    for picture in [zero3_run / "reconstruction.png", *(zero3_run / "images").iterdir()]:
+        with Image.open(picture) as im:
+            assert im.format == "PNG" and im.size == labelled, picture
+            assert np.asarray(im.convert("L")).std() > 20, f"{picture} looks blank"
+    with Image.open(zero3_run / "metrics.png") as im:
+        assert im.format == "PNG" and im.size == (1100, 800)
     assert (zero3_run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+    for record in records:  # clean data: every row says so, by reason
+        assert record["bad_samples"] == 0 and record["bad_by_reason"] == {}
+
+
+@pytest.mark.slow
+def test_closing_summary_agrees_with_the_metrics(zero3_run):
+    summary = json.loads((zero3_run / "summary.json").read_text())
+    last = [m for m in metrics(zero3_run) if "loss" in m][-1]
+    assert summary["ended"] == "finished" and summary["steps"] == {"from": 0, "to": STEPS, "target": STEPS}
+    for key in ("clips_per_s", "mfu", "data_wait_frac"):
+        assert summary[key]["last_window"] == last[key], key
+        assert 0 < summary[key]["mean"] < 2 * max(m[key] for m in metrics(zero3_run) if "loss" in m), key
+    assert summary["skipped_steps"] == last["skipped_steps"] == 0
+    assert summary["bad_by_reason"] == last["bad_by_reason"] == {} and summary["bad_samples"] == 0
+    assert summary["checkpoint"] == str(zero3_run / "checkpoints" / f"step_{STEPS:08d}")
+    assert summary["pictures"] == {
+        "reconstruction": str(zero3_run / "reconstruction.png"),
+        "curves": str(zero3_run / "metrics.png"),
+    }
+    console = (zero3_run.parent / "console.txt").read_text()
+    table = console[console.index(f"[mae-scale] run summary: {zero3_run} (finished)") :]
+    for name, command in summary["commands"].items():
+        assert f"{name}  " in table and command in table
+    assert summary["commands"]["visualize"].endswith(f"tools/visualize.py {zero3_run}")
 
 
 @pytest.mark.slow
@@ -243,6 +277,10 @@ def test_non_finite_losses_are_skipped_counted_then_stop_the_run(tmp_path, demo_
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr
     assert "batch skipped" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())  # an error still ends with the summary
+    assert summary["ended"].startswith("error: NonFiniteLossError: 3 consecutive non-finite losses")
+    assert summary["skipped_steps"] == 3
+    assert f"[mae-scale] run summary: {run} (error: NonFiniteLossError" in proc.stderr
 
 
 def test_zero3_init_gives_the_same_weights_as_a_plain_build(tmp_path):
@@ -265,10 +303,8 @@ def test_visualize_and_export_tools_work_on_any_checkpoint(zero3_run, tmp_path):
     picture = tmp_path / "recon.png"
     tool = [sys.executable, str(REPO / "tools" / "visualize.py")]
     run([*tool, str(zero3_run), "--step", "24", "--out", str(picture)], timeout=300, env=None, check=True)
-    from PIL import Image
-
-    width, height = Image.open(picture).size
-    assert (width, height) == (4 * 64, 4 * 3 * 64)  # pred_t_dim frames x (clips x original/masked/recon)
+    with Image.open(picture) as im:  # 4 clips of pred_t_dim=4 frames, labelled
+        assert im.size == layout_for(clips=4, frames=4, height=64, width=64).size
     export = tmp_path / "export"
     export_tool = [sys.executable, str(REPO / "tools" / "export.py")]
     run([*export_tool, str(zero3_run), "--out", str(export)], timeout=300, env=None, check=True)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Reconstruction picture of a run's checkpoint (or an export): original / masked / reconstruction.
+"""Labelled reconstruction picture of a run's checkpoint (or an export): original / masked input /
+reconstruction of a few clips, with their sample keys, the step, the mask and the frame indices.
 
 python tools/visualize.py runs/demo [--step N] [--out runs/demo/reconstruction_step_N.png]
 python tools/visualize.py runs/demo/export/step_00000300 --shards shards/demo
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     from mae_scale.model.mae import MaskedAutoencoderViT
     from mae_scale.train.engine import model_kwargs
     from mae_scale.train.loop import normalize_clips
-    from mae_scale.viz import reconstruct, save_png
+    from mae_scale.viz import reconstruction_picture, save_png
 
     path = Path(args.path)
     if (path / "model_config.json").is_file():  # an export
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     loader = build_loader(cfg.data, batch_size=args.clips, seed=args.seed, rank=0, world_size=1)
     batch = next(iter(loader))
     imgs = normalize_clips(batch["clips"], cfg.data.mean, cfg.data.std, torch.float32)
-    picture = reconstruct(model, imgs, model_kwargs(cfg), cfg.data.mean, cfg.data.std, seed=args.seed)
+    step = int(tag.rsplit("_", 1)[1])  # step_00000300
+    picture = reconstruction_picture(model, imgs, cfg, keys=batch["keys"], step=step, seed=args.seed)
     out = save_png(picture, args.out or default_out)
     print(out)
     return 0

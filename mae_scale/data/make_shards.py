@@ -56,6 +56,7 @@ from mae_scale.data.shards import (
     write_json_atomic,
 )
 from mae_scale.hardware import usable_cores
+from mae_scale.report import by_reason_rows, format_table, human_bytes, human_duration
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"}
 REJECTS_NAME = "rejects.jsonl"
@@ -492,6 +493,25 @@ def _finish(out: Path, name: str, plan: Plan, results: dict[int, dict], options:
 # ---- command line ------------------------------------------------------------------------------------
 
 
+def build_table(manifest: Manifest, out: Path, seconds: float) -> str:
+    """What a build made: inputs, samples, rejects by reason (from rejects.jsonl), bytes, time."""
+    reasons: dict[str, int] = {}
+    rejects = out / REJECTS_NAME
+    if rejects.is_file():
+        for line in rejects.read_text().splitlines():
+            if line.strip():
+                reason = json.loads(line)["reason"]
+                reasons[reason] = reasons.get(reason, 0) + 1
+    rows = [
+        ("inputs", manifest.build.get("inputs", "?")),
+        ("samples written", f"{manifest.total_samples} in {len(manifest.shards)} shards"),
+        *by_reason_rows(reasons, "rejects"),
+        ("bytes", f"{human_bytes(manifest.total_bytes)} ({manifest.total_bytes})"),
+        ("time", human_duration(seconds)),
+    ]
+    return format_table(f"make_shards: {out} (rejects listed in {rejects})", rows)
+
+
 def parse_size(text: str) -> int:
     """'1GB', '200MB', '64k' or a plain byte count."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
@@ -565,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encode = None
     if args.reencode:
         encode = EncodeOptions(args.max_short_side, args.fps, args.gop, args.codec, args.crf, args.preset)
+    t0 = time.monotonic()
     try:
         manifest = make_shards(
             args.input,
@@ -586,10 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShardBuildError as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
+    print(build_table(manifest, Path(args.out), time.monotonic() - t0))
     per_video = manifest.total_bytes / max(1, manifest.total_samples)
-    print(
-        f"{args.out}: {len(manifest.shards)} shards, {manifest.total_samples} samples, "
-        f"{manifest.total_bytes / 1e6:.1f} MB ({per_video / 1e6:.2f} MB per video: --video-size for "
-        f"other runs like it), {manifest.rejects} rejected (see {REJECTS_NAME})"
-    )
+    print(f"{per_video / 1e6:.2f} MB per video: --video-size for runs like this one")
     return 0

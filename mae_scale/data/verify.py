@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from mae_scale.data.shards import (
     open_shard,
     read_manifest,
 )
+from mae_scale.report import by_reason_rows, format_table, human_bytes, human_duration
 
 META_FIELDS = {
     "source": str,
@@ -168,6 +170,7 @@ def verify_shards(
         return [Fault("manifest.json", "", "bad_manifest", str(exc))], {
             "shards": 0,
             "samples": 0,
+            "bytes": 0,
             "faults": 1,
         }
     jobs = [(s, url, decode, limits) for s, url in zip(manifest.shards, urls, strict=True)]
@@ -211,17 +214,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-side", type=int, default=VideoLimits.min_side)
     args = p.parse_args(argv)
     limits = VideoLimits(args.max_pixels, args.min_side)
+    t0 = time.monotonic()
     faults, summary = verify_shards(
         args.shards, decode=not args.no_decode, limits=limits, workers=args.workers
     )
     for f in faults:
         print(f"FAULT {f}")
-    reasons = ", ".join(f"{r} x{n}" for r, n in Counter(f.reason for f in faults).most_common())
-    print(
-        f"{args.shards}: {summary['shards']} shards, {summary['samples']} samples checked"
-        f"{'' if args.no_decode else ' and decoded'}: "
-        + (f"{len(faults)} faults ({reasons})" if faults else "OK")
-    )
+    reasons = Counter(f.reason for f in faults)
+    verdict = "OK"
+    if faults:
+        verdict = f"{len(faults)} faults (" + ", ".join(f"{r} x{n}" for r, n in reasons.most_common()) + ")"
+    checked = "checked" if args.no_decode else "checked and decoded"
+    rows = [
+        ("shards", summary["shards"]),
+        (f"samples {checked}", summary["samples"]),
+        *by_reason_rows(reasons, "faults"),
+        ("bytes", f"{human_bytes(summary['bytes'])} ({summary['bytes']})"),
+        ("time", human_duration(time.monotonic() - t0)),
+    ]
+    print(format_table(f"verify_shards: {args.shards}: {verdict}", rows))
     return 1 if faults else 0
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from mae_scale.train import dist as D
 from mae_scale.train.checkpoint import Checkpointer, resume_source, set_rng_state
 from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
 from mae_scale.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+from mae_scale.train.summary import FaultTally, closing_summary, fault_stats, format_summary, write_summary
 
 DATA_WAIT_WARNING = 0.3  # share of step time spent waiting for the loader that deserves a warning
 
@@ -31,6 +33,7 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.name = ""  # of the first signal
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
@@ -44,6 +47,7 @@ class StopSignal:
             )
             os._exit(128 + signum)  # at once, even inside a collective; the last complete checkpoint stands
         self.requested = True
+        self.name = signal.Signals(signum).name
         print(
             f"[mae-scale] {signal.Signals(signum).name}: will checkpoint after this step and exit",
             file=sys.stderr,
@@ -64,9 +68,11 @@ def normalize_clips(clips: torch.Tensor, mean, std, dtype: torch.dtype) -> torch
 
 
 def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resume: str | None) -> dict:
-    """Run to cfg.train.steps (or until a stop signal); returns a summary."""
+    """Run to cfg.train.steps (or until a stop signal); rank 0 ends by printing the closing summary
+    and writing RUN/summary.json, also after a stop or an error. Returns where the run ended."""
     from mae_scale.model.flops import train_step_flops
 
+    began = time.monotonic()
     engine = built.engine
     run_dir = cfg.run_dir
     log = _rank0_print if rank == 0 else (lambda *_: None)
@@ -75,6 +81,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     )
     start_step, replay_note = 0, ""
     restored, source = None, ckpt
+    carried_faults, carried_skips = [], 0  # from the ranks of another world size
     if resume != "none":
         root, tag = resume_source(ckpt.root, resume)
         if root != ckpt.root:  # a checkpoint folder of another run
@@ -87,6 +94,8 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         start_step = int(engine.global_steps)
         if "other_world" in state:  # another world size: the stream restarts at an epoch boundary
             old = [s["loader"] for s in state["other_world"]]
+            carried_faults = [s.get("stats", {}) for s in old]
+            carried_skips = max(int(s.get("skipped_steps", 0)) for s in state["other_world"])
             policy = cfg.checkpoint.reshard_data
             epoch = loader.load_nearest_safe_point(old, policy=policy)
             what = {
@@ -148,6 +157,8 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             "hardware": hardware.report(),  # which machine (CPU flags, accelerator answers) ran this
         },
     )
+    faults = FaultTally(carried_faults)
+    faults.update(D.all_gather_object(fault_stats(loader.stats())))  # restored counts: named before
     sample_log = (
         open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
     )
@@ -159,7 +170,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     window = _Window()
     last_save_time = time.monotonic()
     consecutive_nonfinite = 0
-    skipped_total = int(restored[1].get("skipped_steps", 0)) if restored is not None else 0
+    skipped_total = int(restored[1].get("skipped_steps", carried_skips)) if restored is not None else 0
     micro_clips = clips_per_micro_step(cfg)
     it = iter(loader)
     # The RNG streams last, right before the first step: everything above (the peak-FLOP/s probe, the
@@ -169,13 +180,15 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     elif restored is not None:  # another world size: the old ranks' streams do not map to ours
         D.seed_everything(cfg.seed, rank, start_step)
     stopped_by_signal = False
-    last_clips = None
+    last_clips = last_keys = last_row = newest_checkpoint = picture = curves = curves_step = None
+    segment = _Window()  # the metrics of every step of this run segment, for the closing summary
+    ended = "error"
     try:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             batch = next(it)
             t_data = time.perf_counter() - t0
-            last_clips = batch["clips"]
+            last_clips, last_keys = batch["clips"], batch["keys"]
             clips = normalize_clips(batch["clips"], cfg.data.mean, cfg.data.std, dtype)
             loss, _, _ = engine(clips)
             loss_value = loss.item()  # syncs: needed to agree on skipping a non-finite step before backward
@@ -216,15 +229,17 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             engine.backward(loss)
             engine.step()
             window.add(loss_sum / world_size, t_data, micro_clips)
+            segment.add(loss_sum / world_size, t_data, micro_clips)
             if int(engine.global_steps) == step:  # inside an accumulation window
                 continue
             step = int(engine.global_steps)
             metrics.advance()
             if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-                summary = window.summary(
-                    engine, world_size, flops_per_clip, peak, skipped_total, loader.stats()
-                )
+                for line in faults.update(D.all_gather_object(fault_stats(loader.stats()))):
+                    metrics.info(line)
+                summary = window.summary(engine, world_size, flops_per_clip, peak, skipped_total, faults)
                 metrics.log(step, summary)
+                last_row = summary
                 if summary["data_wait_frac"] > DATA_WAIT_WARNING and step > cfg.log.every_steps:
                     metrics.info(
                         f"[mae-scale] step {step}: {summary['data_wait_frac']:.0%} of the time waiting for "
@@ -236,7 +251,13 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                 from mae_scale.viz import save_training_reconstruction
 
                 save_training_reconstruction(
-                    cfg, built, batch["clips"], rank=rank, path=run_dir / "images" / f"step_{step:08d}.png"
+                    cfg,
+                    built,
+                    batch["clips"],
+                    batch["keys"],
+                    step,
+                    rank=rank,
+                    path=run_dir / "images" / f"step_{step:08d}.png",
                 )
             due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or time_due > 0
             if stop_agreed or step == cfg.train.steps or due:
@@ -247,7 +268,10 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                     config_yaml=config_yaml,
                 )
                 last_save_time = time.monotonic()
+                newest_checkpoint = path
                 metrics.info(f"[mae-scale] checkpoint saved: {path}")
+                if rank == 0:
+                    curves, curves_step = draw_curves(run_dir, metrics.info), step
             if stop_agreed:
                 stopped_by_signal = True
                 metrics.info(
@@ -255,17 +279,46 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
                     f"(checkpoint: {run_dir / 'checkpoints'})"
                 )
                 break
+        ended = f"stopped by {stop.name or 'a signal to another rank'}" if stopped_by_signal else "finished"
+        if last_clips is not None and not stopped_by_signal:
+            from mae_scale.viz import save_training_reconstruction
+
+            picture = save_training_reconstruction(cfg, built, last_clips, last_keys, step, rank=rank)
+    except BaseException as exc:
+        ended = f"error: {type(exc).__name__}: {exc}"
+        raise
     finally:
         stop.restore()
         if sample_log is not None:
             sample_log.close()
         metrics.close()
+        if rank == 0:  # local facts only: after an error the other ranks may be gone
+            if curves is None or curves_step != step:  # rows logged since the last checkpoint's drawing
+                curves = draw_curves(run_dir, _rank0_print)
+            newest_checkpoint = newest_checkpoint or _latest_checkpoint(ckpt)
+            report = closing_summary(
+                run_dir=run_dir,
+                ended=ended,
+                start_step=start_step,
+                step=step,
+                target_steps=cfg.train.steps,
+                wall_s=time.monotonic() - began,
+                segment=segment.summary(engine, world_size, flops_per_clip, peak, skipped_total, faults)
+                if segment.losses
+                else None,
+                last_row=last_row,
+                skipped_steps=skipped_total,
+                faults=faults,
+                checkpoint=str(newest_checkpoint) if newest_checkpoint else None,
+                pictures={"reconstruction": picture, "curves": curves},
+            )
+            write_summary(run_dir, report)
+            _rank0_print(format_summary(report))
     return {
         "step": step,
         "stopped_by_signal": stopped_by_signal,
         "skipped_steps": skipped_total,
         "start_step": start_step,
-        "last_clips": last_clips,
     }
 
 
@@ -306,7 +359,7 @@ class _Window:
         self.clips += clips
 
     def summary(
-        self, engine, world_size: int, flops_per_clip: float, peak: float, skipped: int, data_stats: dict
+        self, engine, world_size: int, flops_per_clip: float, peak: float, skipped: int, faults: FaultTally
     ) -> dict:
         elapsed = max(time.perf_counter() - self.t_start, 1e-9)
         tflops = flops_per_clip * self.clips / elapsed / 1e12  # per device: clips counted on this rank
@@ -321,8 +374,25 @@ class _Window:
             "data_wait_frac": self.data_wait / elapsed,
             "peak_mem_gb": peak_memory_gb(),
             "skipped_steps": skipped,
-            "bad_samples": sum(data_stats.get("bad", {}).values()),
+            "bad_samples": faults.total,  # all ranks, since the run's start
+            "bad_by_reason": dict(faults.by_reason),
         }
+
+
+def draw_curves(run_dir, log) -> Path | None:
+    """RUN/metrics.png from metrics.jsonl; a failure to draw is reported, never allowed to stop a run."""
+    from mae_scale.plots import plot_runs
+
+    try:
+        return plot_runs([run_dir], run_dir / "metrics.png")
+    except Exception as exc:  # noqa: BLE001 - a picture is not worth a run
+        log(f"[mae-scale] metrics.png not drawn: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _latest_checkpoint(ckpt: Checkpointer) -> Path | None:
+    found = ckpt.peek()
+    return ckpt.root / found[0] if found else None
 
 
 def _rank0_print(message: str) -> None:

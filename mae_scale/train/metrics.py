@@ -81,6 +81,8 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if self.file.tell() > 0 and not _ends_with_newline(run_dir / "metrics.jsonl"):
+            self.file.write("\n")  # a kill mid-write cut the last line: keep it off the resumed run's first
         if wandb_mode != "off":
             self.wandb = _start_wandb(run_dir, config, wandb_mode, project, resumed)
         from tqdm import tqdm
@@ -102,7 +104,7 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self.wandb.log(wandb_values(metrics), step=step)
         if self.bar is not None and "loss" in metrics:  # not for event records (no loss yet: no "nan")
             loss, lr = metrics["loss"], metrics.get("lr", 0)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -128,6 +130,23 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def wandb_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row; a dict of counts (bad_by_reason) becomes `bad_by_reason/REASON`."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            out[key] = value
+    return out
 
 
 def _start_wandb(run_dir: Path, config: dict, mode: str, project: str, resumed: bool):
