@@ -124,16 +124,14 @@ def is_url(location: str) -> bool:
 
 
 def open_shard(url: str) -> IO[bytes]:
-    """A readable stream for a local path or any webdataset URL (`pipe:`, `http://`, ...).
-
-    webdataset (and with it torch) is imported only for URLs, so the shard writer's worker
-    processes start in a fraction of a second.
-    """
+    """A readable stream for a local path, an fsspec URL (`http(s)://`, `s3://`, ...) or a `pipe:`
+    command (source.py; fsspec and webdataset are imported only for URLs, so the shard writer's
+    worker processes start in a fraction of a second)."""
     if not is_url(url) or url.startswith("file:"):
         return open(url.removeprefix("file://").removeprefix("file:"), "rb")
-    import webdataset as wds
+    from mae_scale.data.source import open_stream
 
-    return wds.gopen(url, "rb")
+    return open_stream(url)
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
@@ -170,8 +168,13 @@ def read_manifest(shards: str | Path) -> tuple[Manifest, list[str]]:
     manifest = Manifest.from_dict(data, location)
     if MANIFEST_NAME not in location:
         raise ManifestError(f"{location}: a manifest location must end in {MANIFEST_NAME}")
+    return manifest, [sibling_url(location, s.name) for s in manifest.shards]
+
+
+def sibling_url(location: str, name: str) -> str:
+    """The URL of file `name` beside the manifest at `location` (a shard, a shard's index)."""
     head, _, tail = location.rpartition(MANIFEST_NAME)
-    return manifest, [head + s.name + tail for s in manifest.shards]
+    return head + name + tail
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 1) -> None:
