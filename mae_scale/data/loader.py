@@ -37,7 +37,15 @@ from mae_scale.data.decode import VideoLimits
 from mae_scale.data.plan import EpochPlan, Generation, PlanError, fresh_read_cost
 from mae_scale.data.shards import MAX_MEMBER_BYTES, manifest_location, read_manifest, sibling_url
 from mae_scale.data.source import can_seek
-from mae_scale.data.stream import BadDataError, BatchReturns, ClipStream, ShardRef, StreamSpec, stable_seed
+from mae_scale.data.stream import (
+    HEARTBEAT_ITEMS,
+    BadDataError,
+    BatchReturns,
+    ClipStream,
+    ShardRef,
+    StreamSpec,
+    stable_seed,
+)
 from mae_scale.data.transforms import ClipSpec, clip_pixels
 
 __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
@@ -124,6 +132,9 @@ class ClipLoader:
         # what this loader object's readers fetched: an I/O figure, not saved (a resumed run reads
         # the block it resumes in again, so the figure differs where the data does not)
         self._io = Counter(bytes_read=0, index_bytes_read=0, opens=0)
+        self._bad_run = 0  # bad items since this rank's streams last gave a good sample
+        # ... and how many make "no usable sample": more than the rank's share of an epoch
+        self._bad_run_limit = max(HEARTBEAT_ITEMS, -(-sum(s.samples for s in spec.shards) // spec.world_size))
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -186,7 +197,10 @@ class ClipLoader:
                 for key in self._io:
                     self._io[key] += delta.pop(key)
                 self._totals.add(delta)
+                self._bad_run = 0 if delta["samples"] else self._bad_run + sum(delta["bad"].values())
                 self._check_bad_ratio()
+                if batch.pop("_heartbeat", False):  # a stream finding only bad samples: nothing to train
+                    continue
                 buffer = batch.pop("_buffer")
                 if buffer >= 0:
                     give_back = functools.partial(released.put, (worker, buffer))
@@ -203,6 +217,12 @@ class ClipLoader:
 
     def _check_bad_ratio(self) -> None:
         t = self._totals
+        if self._bad_run >= self._bad_run_limit:
+            raise BadDataError(
+                f"rank {self.spec.rank}: its streams gave no usable sample in {self._bad_run} items, more "
+                f"than the rank's share of an epoch; bad: {dict(t.bad)}; examples: {t.examples}. Check "
+                f"the shards with: python tools/verify_shards.py {self.source or '<shards dir>'}"
+            )
         bad = sum(t.bad.values())
         seen = bad + t.samples
         if seen < self.min_samples or bad <= self.max_bad_ratio * seen:

@@ -33,6 +33,10 @@ from mae_scale.data.transforms import ClipSpec, empty_clips, make_clips, plan_cl
 __all__ = ["BadDataError", "ClipStream", "Item", "ShardRef", "StreamSpec", "shard_order", "stable_seed"]
 
 BAD = object()  # marks a sample that was skipped (and counted)
+# A stream that has consumed this many items since it last handed anything out, none of them good,
+# sends a "heartbeat" (its position and stats, no clips): the main process then sees the bad
+# samples (and its ratio rule can stop the run) instead of waiting on a worker that finds none.
+HEARTBEAT_ITEMS = 64
 
 
 class BadDataError(RuntimeError):
@@ -226,16 +230,20 @@ class ClipStream(IterableDataset):
         )
         batch, buffer = pool.take()
         filled, keys, labels, first_epoch = 0, [], [], None
+        since = 0  # items consumed since this stream last handed out a batch or a heartbeat
         while True:
-            consumed, good = skip, 0
-            planned = len(self.plan(slot, epoch)[0])  # 0 happens: fewer samples than streams
+            consumed = skip
             for item in self.epoch_items(slot, epoch, skip, reader):  # fast-forward: no decoding
                 consumed += 1
+                since += 1
                 out = batch[filled * clip.repeats : (filled + 1) * clip.repeats]
                 label = self._clips(item, epoch, stats, to_rgb, out)
                 if label is BAD:
+                    if filled == 0 and since >= HEARTBEAT_ITEMS:
+                        yield {"_worker": worker, "_buffer": -1, "_position": (epoch, consumed),
+                               "_stats": stats.pop(), "_heartbeat": True}
+                        since = 0
                     continue
-                good += 1
                 filled += 1
                 first_epoch = epoch if first_epoch is None else first_epoch
                 keys += [item.raw.key] * clip.repeats
@@ -253,13 +261,8 @@ class ClipStream(IterableDataset):
                         "_stats": stats.pop(),
                     }
                     batch, buffer = pool.take()
-                    filled, keys, labels, first_epoch = 0, [], [], None
-            if skip == 0 and good == 0 and planned > 0:
-                raise BadDataError(
-                    f"rank {spec.rank} worker {worker}: epoch {epoch} gave no usable sample "
-                    f"({consumed} items; bad: {dict(stats.bad)}; examples: {stats.examples})"
-                )
-            epoch, skip = epoch + 1, 0
+                    filled, keys, labels, first_epoch, since = 0, [], [], None, 0
+            epoch, skip = epoch + 1, 0  # an epoch with no samples for this stream happens (N < S)
 
     def _clips(self, item: Item, epoch: int, stats: StreamStats, to_rgb: RGBConverter, out: torch.Tensor):
         """Decode one sample into R clips written to `out` (R, C, T, H, W); its label, or BAD (counted)."""
