@@ -113,8 +113,8 @@ def build_model(cfg: Config, ds: dict, seed: int) -> torch.nn.Module:
     from mae_scale.model.mae import MaskedAutoencoderViT, init_module_
 
     stage3 = zero_stage(ds) == 3
-    dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage3, dtype=dtype):
+    # dtype=None: DeepSpeed follows the config's bf16 flag (a dtype passed is ignored on CPUs without fp16)
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage3, dtype=None):
         model = MaskedAutoencoderViT(**model_kwargs(cfg))
     rng = torch.random.get_rng_state()
     torch.manual_seed(seed)
