@@ -301,3 +301,23 @@ def test_a_server_dropping_the_connection_mid_shard_is_a_counted_fault(two_shard
     assert victim in stats["examples"]["bad_tar"] and url in stats["examples"]["bad_tar"]
     good = {s.key for s in read_index(str(two_shards / manifest.shards[1].index)).samples}
     assert {b["keys"][0] for b in batches} <= good  # what trains comes from the shard still served
+
+
+def test_a_same_size_resume_inside_an_elastic_window_is_exact(synthetic_shards):
+    """Elastic 2 -> 1 ranks, then saved and resumed at 1 rank while still inside the resumed epoch:
+    the batches continue exactly (the window is recomputed from the saved history); once the
+    streams have left the window the saved state drops the history."""
+    old = loaders(synthetic_shards, 2, 2)
+    keys_by_epoch(old, 1)
+    states = [loader.state_dict() for loader in old]
+    straight = loaders(synthetic_shards, 1, 1)[0]
+    straight.load_elastic(states)
+    it = iter(straight)
+    next(it)
+    saved = straight.state_dict()
+    assert saved["history"] and saved["epoch"] == 0
+    tail = [next(it)["keys"] for _ in range(12)]
+    resumed = loaders(synthetic_shards, 1, 1)[0]
+    resumed.load_state_dict(saved)
+    assert [b["keys"] for _, b in zip(range(12), resumed, strict=False)] == tail
+    assert resumed.state_dict()["epoch"] >= 1 and resumed.state_dict()["history"] == []
