@@ -1,16 +1,17 @@
 """The loader at cluster scale: what an epoch reads (simulated, no I/O) and clips/s with and without an index.
 
-    python tools/bench_loader.py --simulate       # the table: before (main's partition) and after
-    python tools/bench_loader.py --throughput     # clips/s: index path vs the path without one vs main's code
+    python tools/bench_loader.py --simulate       # the table: before (today's partition) and after
+    python tools/bench_loader.py --throughput     # clips/s: index path vs the path without one vs today's code
 
 --simulate plans epochs over synthetic manifests (1 MB samples, 10,000 per shard unless the shard
-count says otherwise) with plan.py, the code the loader runs, and computes main's partition (whole
+count says otherwise) with plan.py, the code the loader runs, and computes today's partition (whole
 shards dealt round-robin when shards >= streams, else every stream reads every shard and keeps
 every S-th sample) from its rule. Also the elastic resume 1,024 -> 768 -> 1,280 streams.
 
 --throughput times one stream (rank R of a world of S ranks, 1 worker process each) over a set of
 16 real videos (the demo clips x 4, 128 px, 4 shards of 4) for: the index path; the same shards
-without an index (read from the shard's start); and main's loader (`--base`, default main)
+without an index (read from the shard's start); and today's loader (`--base`, default the merge-base
+with main)
 extracted with `git archive` and run from a subprocess. Rounds alternate between them; best of
 the rounds is reported, with the bytes the readers returned.
 """
@@ -43,7 +44,7 @@ def manifest(shards: int, total: int):
 
 
 def before(counts, sizes, streams: int) -> dict:
-    """main's partition, by its rule: whole shards per stream, or every stream reads every shard."""
+    """Today's partition, by its rule: whole shards per stream, or every stream reads every shard."""
     import numpy as np
 
     k = len(counts)
@@ -58,6 +59,7 @@ def simulate() -> None:
     import numpy as np
 
     from mae_scale.data.plan import EpochPlan, Generation, Layout, fresh_read_cost, slice_read_cost
+    from mae_scale.data.source import RANGE_CHUNK
 
     rows = [
         (2, 4, 4), (8, 4, 4),  # the issue's demo measurement (4 shards of 1)
@@ -67,8 +69,9 @@ def simulate() -> None:
     ]
     print("| streams | shards | samples | before: read / data | before: opens per stream (max) | before: "
           "samples per stream, max - min | after, index: read / data | after: opens (max) | after: index "
-          "reads (max) | after: max - min | after, no index or pipe: read / data | plan time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "reads (max) | after: range requests at 32 MiB (max) | after: max - min | after, no index or pipe: "
+          "read / data | plan time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for streams, shards, total in rows:
         counts, sizes = manifest(shards, total)
         t0 = time.perf_counter()
@@ -77,9 +80,11 @@ def simulate() -> None:
         blind = fresh_read_cost(counts, sizes, 0, 0, streams, seekable=False)
         index = (cost.index_reads * INDEX_ROW * counts.max()).sum()
         old = before(counts, sizes, streams)
+        requests = np.ceil(cost.bytes / RANGE_CHUNK) + cost.opens  # each run: ceil(bytes / chunk), at most
         print(
             f"| {streams:,} | {shards:,} | {total:,} | {old['read']:.2f}x | {old['opens']:,} | {old['spread']:,} | "
             f"{(cost.bytes.sum() + index) / sizes.sum():.4f}x | {cost.opens.max()} | {cost.index_reads.max()} | "
+            f"{int(requests.max()):,} | "
             f"{cost.samples.max() - cost.samples.min()} | {blind.bytes.sum() / sizes.sum():.2f}x | {seconds * 1e3:.0f} ms |"
         )
     # elastic: 1,024 -> 768 -> 1,280 streams, each old stream stopped at a random point of epoch 0

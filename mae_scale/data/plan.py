@@ -7,12 +7,14 @@ milliseconds (tests/test_data_plan.py, tools/bench_loader.py).
 **Layout.** An epoch's shards are put in a seeded order (`shard_order`), their samples in tar order,
 and numbered 0..N-1 as one sequence: a sample's *position*.
 
-**Split.** Stream t of S takes positions [floor(v N / S), floor((v+1) N / S)), v = (t + epoch) mod S:
-every sample goes to exactly one stream and the counts differ by at most one, whatever the number
-of shards. A stream's range is contiguous, so it touches at most ceil(N / S / shard size) + 1
-shards and reads each as one run of samples (one seek with a per-sample index, index.py). The
-rotation by the epoch matters only when N < S (some ranges are empty): it gives every stream
-samples in some epochs, so no stream, and no rank, waits forever.
+**Split.** Stream t of S takes the v-th of S contiguous ranges, v = (t + epoch) mod S, each of
+floor(N / S) or floor(N / S) + 1 positions: every sample goes to exactly one stream and the counts
+differ by at most one, whatever the number of shards. The cuts are those of the even spread
+[floor(v N / S), floor((v+1) N / S)), moved onto a shard boundary where the counts allow
+(`fresh_bounds`: it saves sources that cannot seek a shard's first part). A range touches at
+most ceil(N / S / shard size) + 1 shards and is read as one run per shard (one seek with a
+per-sample index, index.py). The rotation by the epoch matters only when N < S (some ranges are
+empty): it gives every stream samples in some epochs, so no stream, and no rank, waits forever.
 
 **Order within a stream.** Positions are read in order and leave in blocks of B (`shuffle_buffer`)
 consecutive positions, each block in a seeded permutation: the "py1b" shape of MosaicML streaming's
@@ -108,6 +110,40 @@ def split_bounds(n: int, streams: int, epoch: int) -> tuple[np.ndarray, np.ndarr
     """(lo, hi), each (streams,): stream t takes indices [lo[t], hi[t]) of an n-long sequence."""
     v = (np.arange(streams, dtype=np.int64) + epoch) % streams
     return v * n // streams, (v + 1) * n // streams
+
+
+def fresh_bounds(layout: Layout, streams: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """`split_bounds` of a whole epoch, with each cut moved onto a shard boundary where the counts
+    allow it: every stream still takes floor(N / S) or that + 1 samples, in one contiguous range.
+
+    A cut on a boundary costs nothing; a cut inside a shard makes the stream after it read the
+    shard's first part too when the source cannot seek (no index, `pipe:`). With shards of equal
+    counts (within one) and as many as the streams, every cut lands on a boundary: 1.0x read
+    without an index. Greedy over the streams in order (10,000 in about 10 ms).
+    """
+    n = layout.total
+    q, extra = divmod(n, streams)  # every stream takes q, `extra` of them q + 1
+    if q == 0:  # fewer samples than streams: the even spread, rotating (see the module's docstring)
+        return split_bounds(n, streams, epoch)
+    ends = set(layout.ends.tolist())
+    cuts = [0]
+    c = 0
+    for i in range(streams):
+        left = streams - i
+        if extra == 0 or extra == left:
+            step = q + (extra > 0)
+        else:
+            shorter, longer = c + q in ends, c + q + 1 in ends
+            if shorter != longer:
+                step = q + longer
+            else:  # follow the even spread's cut
+                step = q + (c + q < (i + 1) * n // streams)
+        c += step
+        extra -= step - q
+        cuts.append(c)
+    cut = np.asarray(cuts, dtype=np.int64)
+    v = (np.arange(streams, dtype=np.int64) + epoch) % streams
+    return cut[v], cut[v + 1]
 
 
 def block_permutation(
@@ -210,6 +246,7 @@ class EpochPlan:
         self.history: tuple[Generation, ...] = tuple(history)
         self.generation = len(self.history)  # this generation's index in the chain
         self.remaining: dict[int, np.ndarray] = {}
+        self._layouts: dict[int, Layout] = {}
         for g, gen in enumerate(self.history):
             self.remaining = self._advance(self.remaining, g, gen)
 
@@ -220,11 +257,21 @@ class EpochPlan:
         """Where this generation's streams begin: the first epoch of the window (0 without one)."""
         return min(self.remaining) if self.remaining else 0
 
+    def layout(self, epoch: int) -> Layout:
+        if epoch not in self._layouts:
+            self._layouts = {epoch: Layout.of(self.counts, self.seed, epoch)}  # one epoch at a time
+        return self._layouts[epoch]
+
+    def bounds(self, epoch: int, streams: int, rest: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Each stream's [lo, hi) in the epoch (rest None) or in the remainder `rest`."""
+        if rest is None:
+            return fresh_bounds(self.layout(epoch), streams, epoch)
+        return split_bounds(len(rest), streams, epoch)
+
     def positions(self, epoch: int, stream: int) -> np.ndarray:
         """Sorted positions that `stream` reads in `epoch` (int64)."""
         rest = self.remaining.get(epoch)
-        n = self.total if rest is None else len(rest)
-        lo, hi = split_bounds(n, self.streams, epoch)
+        lo, hi = self.bounds(epoch, self.streams, rest)
         a, b = int(lo[stream]), int(hi[stream])
         return np.arange(a, b, dtype=np.int64) if rest is None else rest[a:b]
 
@@ -240,7 +287,7 @@ class EpochPlan:
             rest = remaining.get(epoch)
             n = self.total if rest is None else len(rest)
             tag = FRESH if rest is None else f"g{g}"
-            lo, hi = split_bounds(n, gen.streams, epoch)
+            lo, hi = self.bounds(epoch, gen.streams, rest)
             taken = np.zeros(n, dtype=bool)  # (n,) consumed by some stream of generation g
             for t, (e, c) in enumerate(gen.positions):
                 a, b = int(lo[t]), int(hi[t])
@@ -295,7 +342,7 @@ def fresh_read_cost(
     def byte_at(pos: np.ndarray, place: np.ndarray) -> np.ndarray:  # bytes before position `pos`
         return start_bytes[place] + (pos - layout.starts[place]) * per_sample[place]
 
-    lo, hi = split_bounds(layout.total, streams, epoch)
+    lo, hi = fresh_bounds(layout, streams, epoch)
     has = hi > lo
     first = np.searchsorted(layout.ends, lo, side="right")  # place of each stream's first sample
     last = np.searchsorted(layout.ends, np.maximum(hi - 1, 0), side="right")

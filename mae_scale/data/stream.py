@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, RGBConverter, VideoLimits, decode_frames
-from mae_scale.data.plan import FRESH, Layout, StreamOrder, shard_order, split_bounds, stable_seed
+from mae_scale.data.plan import FRESH, Layout, StreamOrder, fresh_bounds, shard_order, stable_seed
 from mae_scale.data.reader import ReadCounts, ShardReader, ShardRef
 from mae_scale.data.shards import MAX_MEMBER_BYTES, MEMBERS, RawSample
 from mae_scale.data.transforms import ClipSpec, empty_clips, make_clips, plan_clips
@@ -177,7 +177,7 @@ class ClipStream(IterableDataset):
         mine = self.window.get(slot, {})
         if epoch in mine:
             return mine[epoch], StreamOrder(spec.seed, epoch, self.window_tag, spec.slots, slot, spec.shuffle_buffer)
-        lo, hi = split_bounds(int(self._counts.sum()), spec.slots, epoch)
+        lo, hi = fresh_bounds(self._layout(epoch), spec.slots, epoch)
         positions = np.arange(lo[slot], hi[slot], dtype=np.int64)
         return positions, StreamOrder(spec.seed, epoch, FRESH, spec.slots, slot, spec.shuffle_buffer)
 
@@ -194,11 +194,17 @@ class ClipStream(IterableDataset):
             return
         reader = reader or ShardReader(ReadCounts(), self.spec.max_member_bytes)
         first = skip // size
-        items = self._read(Layout.of(self._counts, self.spec.seed, epoch), positions[first * size :], reader)
+        items = self._read(self._layout(epoch), positions[first * size :], reader)
         for j in range(first, -(-n // size)):
             block = list(islice(items, size))  # the block's items in tar order
             for i in order.permutation(j, len(block))[skip - first * size if j == first else 0 :]:
                 yield block[i]
+
+    def _layout(self, epoch: int) -> Layout:
+        cached = getattr(self, "_cached_layout", None)
+        if cached is None or cached[0] != epoch:
+            self._cached_layout = (epoch, Layout.of(self._counts, self.spec.seed, epoch))
+        return self._cached_layout[1]
 
     def _read(self, layout: Layout, positions: np.ndarray, reader: ShardReader) -> Iterator[Item]:
         """One item per position, in order: the sample, or a fault standing for it."""
