@@ -7,8 +7,10 @@
   http(s) requests time out (`HTTP_TIMEOUT_S`): a server that stalls is a fault, never a hang.
 - `pipe:` commands, and URLs without an fsspec backend: webdataset's `gopen`, read from the start.
 
-Every reader can count the bytes it hands out (`on_bytes`), which is how the loader measures what
-an epoch reads. A failed read raises `OSError` naming the URL and the byte range.
+Every reader can count the bytes it hands to its consumer, the tar parser (`on_bytes`): that is how
+the loader measures what an epoch reads. A reader fetches at most one chunk ahead of that (256 KiB
+from a file, `RANGE_CHUNK` from a URL, never past the end of a range). A failed read raises
+`OSError` naming the URL and the byte range.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 from collections.abc import Callable
 from typing import IO
 
+LOCAL_CHUNK = 256 << 10  # bytes per read() of a file (or a pipe / whole-file stream)
 RANGE_CHUNK = 32 << 20  # bytes per range request: bounds a reader's memory, not its request count much
 HTTP_TIMEOUT_S = {"sock_connect": 30.0, "sock_read": 60.0}  # no total limit: a run may take minutes
 
@@ -70,7 +73,7 @@ def _filesystem(url: str):
 
 class _Chunks(io.RawIOBase):
     """A stream of bytes [start, end) (end None: until the source ends) pulled with `fetch(a, b)`, at
-    most `chunk` bytes at a time; `on_bytes` hears the size of every fetch (what the source returned)."""
+    most `chunk` bytes at a time; `on_bytes` hears how many bytes each read hands out."""
 
     def __init__(
         self,
@@ -95,14 +98,14 @@ class _Chunks(io.RawIOBase):
                 return 0
             stop = self._pos + self._chunk if self._end is None else min(self._pos + self._chunk, self._end)
             self._buf, self._at = self._fetch(self._pos, stop), 0
-            if self._on_bytes is not None:
-                self._on_bytes(len(self._buf))
             if not self._buf:
                 return 0
             self._pos += len(self._buf)
         n = min(len(b), len(self._buf) - self._at)
         b[:n] = self._buf[self._at : self._at + n]
         self._at += n
+        if self._on_bytes is not None:
+            self._on_bytes(n)
         return n
 
     def close(self) -> None:
@@ -128,7 +131,7 @@ def open_range(
                 raise OSError(f"{url}: ends before byte {b} (read [{a}, {a + len(data)}))")
             return data
 
-        return _Chunks(read_file, start, end, 1 << 20, on_bytes, f.close)
+        return _Chunks(read_file, start, end, LOCAL_CHUNK, on_bytes, f.close)
     fs, fs_path = _filesystem(url)
 
     def read_remote(a: int, b: int) -> bytes:
@@ -171,4 +174,4 @@ def open_stream(url: str, on_bytes: Callable[[int], None] | None = None) -> IO[b
         except Exception as exc:  # noqa: BLE001
             raise OSError(f"{url} after byte {a}: {type(exc).__name__}: {exc}") from exc
 
-    return _Chunks(read_stream, 0, None, 1 << 20, on_bytes, f.close)
+    return _Chunks(read_stream, 0, None, LOCAL_CHUNK, on_bytes, f.close)
