@@ -34,12 +34,16 @@ def cfg(shards, **kw) -> DataConfig:
     return DataConfig(shards=str(shards), **{**TINY, **kw})
 
 
-def read_epoch(shards, ranks: int, workers: int, epoch: int = 0, seed: int = 0) -> tuple[list[list[str]], ReadCounts]:
+def read_epoch(
+    shards, ranks: int, workers: int, epoch: int = 0, seed: int = 0
+) -> tuple[list[list[str]], ReadCounts]:
     """Every stream's keys in `epoch` (tar reads, no decoding) and what the readers fetched for them."""
     counts = ReadCounts()
     streams = []
     for rank in range(ranks):
-        loader = build_loader(cfg(shards, workers=workers), batch_size=1, seed=seed, rank=rank, world_size=ranks)
+        loader = build_loader(
+            cfg(shards, workers=workers), batch_size=1, seed=seed, rank=rank, world_size=ranks
+        )
         stream = ClipStream(loader.spec, [(0, 0)] * max(1, workers))
         reader = ShardReader(counts, loader.spec.max_member_bytes)
         for slot in loader.slots:
@@ -49,7 +53,9 @@ def read_epoch(shards, ranks: int, workers: int, epoch: int = 0, seed: int = 0) 
 
 def all_keys(shards) -> list[str]:
     manifest, urls = read_manifest(shards)
-    return sorted(s.key for s in (read_index(str(Path(shards) / i.index)) for i in manifest.shards) for s in s.samples)
+    return sorted(
+        s.key for s in (read_index(str(Path(shards) / i.index)) for i in manifest.shards) for s in s.samples
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +98,9 @@ def test_streams_start_mid_shard_with_the_index(two_shards, tmp_path, streams):
     indexed, counts = read_epoch(two_shards, streams, 1)
     assert sorted(k for s in indexed for k in s) == all_keys(two_shards)
     assert (counts.bytes + counts.index_bytes) / manifest.total_bytes <= 1.05
-    shard_of = {span.key: s.name for s in manifest.shards for span in read_index(str(two_shards / s.index)).samples}
+    shard_of = {
+        span.key: s.name for s in manifest.shards for span in read_index(str(two_shards / s.index)).samples
+    }
     touched = sum(len({shard_of[k] for k in keys}) for keys in indexed)
     assert counts.opens == touched  # one run (one open and one seek) per shard a stream touches
     old = without_index(two_shards, tmp_path / "old")
@@ -152,7 +160,10 @@ def stale(src: Path, dst: Path) -> Path:
     index = read_index(str(path))
     spans = list(index.samples)
     a, b = spans[1], spans[2]
-    spans[1], spans[2] = a.__class__(b.key, a.offset, a.length, a.frames), b.__class__(a.key, b.offset, b.length, b.frames)
+    spans[1], spans[2] = (
+        a.__class__(b.key, a.offset, a.length, a.frames),
+        b.__class__(a.key, b.offset, b.length, b.frames),
+    )
     write_index(path, index.__class__(index.shard, index.bytes, tuple(spans)))
     return dst
 
@@ -281,7 +292,12 @@ def test_http_shards_are_read_in_byte_ranges_each_sample_once(two_shards, tmp_pa
         seen = []
         for rank in range(2):
             loader = build_loader(
-                cfg(f"{url}/manifest.json", workers=2), batch_size=1, seed=0, rank=rank, world_size=2, timeout_s=120
+                cfg(f"{url}/manifest.json", workers=2),
+                batch_size=1,
+                seed=0,
+                rank=rank,
+                world_size=2,
+                timeout_s=120,
             )
             seen += [b["keys"][0] for _, b in zip(range(8), loader, strict=False) if b["epoch"] == 0]
         assert sorted(seen) == all_keys(two_shards)
@@ -293,7 +309,11 @@ def test_a_server_dropping_the_connection_mid_shard_is_a_counted_fault(two_shard
     with http_server(two_shards, tmp_path / "log.jsonl", drops=[f"{victim}:3000"]) as url:
         loader = build_loader(
             cfg(f"{url}/manifest.json", workers=1, max_bad_ratio=1.0),
-            batch_size=1, seed=0, rank=0, world_size=2, timeout_s=120,
+            batch_size=1,
+            seed=0,
+            rank=0,
+            world_size=2,
+            timeout_s=120,
         )
         batches = [b for _, b in zip(range(6), loader, strict=False)]
     stats = loader.stats()

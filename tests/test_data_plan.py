@@ -123,7 +123,9 @@ def test_elastic_chains_train_every_sample_of_every_epoch_exactly_once(seed):
     fresh = EpochPlan(counts, seed, last.streams, block)
     after = window[-1] + 1
     assert last.tag(after) == FRESH
-    assert all(np.array_equal(last.positions(after, t), fresh.positions(after, t)) for t in range(last.streams))
+    assert all(
+        np.array_equal(last.positions(after, t), fresh.positions(after, t)) for t in range(last.streams)
+    )
 
 
 def test_a_position_past_its_plan_is_refused():

@@ -328,8 +328,13 @@ def test_resume_two_ranks_killed_mid_epoch_on_one_rank(tmp_path, demo_shards):
     assert after[2:] == _epoch_keys(demo_shards, 1, 2)[0]  # epoch 2: as a fresh 1-rank run
 
     skip_run = tmp_path / "reshard_skip"
-    proc = pretrain(COMMON + [f"run.dir={skip_run}", "train.batch_size=1", "train.steps=4", "checkpoint.reshard_data=skip"])
-    restart = re.search(r"world size 2 -> 1: data stream restarts at the start of epoch (\d+) \(([^)]*)\)", proc.stderr)
+    proc = pretrain(
+        COMMON
+        + [f"run.dir={skip_run}", "train.batch_size=1", "train.steps=4", "checkpoint.reshard_data=skip"]
+    )
+    restart = re.search(
+        r"world size 2 -> 1: data stream restarts at the start of epoch (\d+) \(([^)]*)\)", proc.stderr
+    )
     assert restart and restart[2].startswith("checkpoint.reshard_data=skip"), proc.stderr[-3000:]
     assert int(restart[1]) == 2  # the old ranks were inside epoch 1: skip starts at 2
 
@@ -347,7 +352,9 @@ def test_resume_one_rank_on_two_over_shards_without_an_index(tmp_path, demo_shar
     (shards / "manifest.json").write_text(json.dumps(data))
     run = tmp_path / "grow"
     args = COMMON + [f"data.shards={shards}", f"run.dir={run}", "train.batch_size=1", "log.sample_keys=true"]
-    first = pretrain(args + ["train.steps=6", "checkpoint.every_steps=6"])  # 4 videos a step: epoch 1 half done
+    first = pretrain(
+        args + ["train.steps=6", "checkpoint.every_steps=6"]
+    )  # 4 videos a step: epoch 1 half done
     assert "4 of 4 shards have no per-sample index" in first.stderr and "index_shards.py" in first.stderr
     second = torchrun(args + ["train.steps=9", "checkpoint.every_steps=9"])
     assert "data stream continues exactly (1 -> 2 ranks)" in second.stderr, second.stderr[-3000:]

@@ -53,7 +53,11 @@ __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: block-shuffled balanced plan (plan.py) and its elastic history
-RESHARD_POLICIES = ("exact", "replay", "skip")  # load_elastic, load_nearest_safe_point (config.py keeps a copy)
+RESHARD_POLICIES = (
+    "exact",
+    "replay",
+    "skip",
+)  # load_elastic, load_nearest_safe_point (config.py keeps a copy)
 
 
 class DataStateError(ValueError):
@@ -284,7 +288,9 @@ class ClipLoader:
     def _check_state(self, d: dict[str, Any], fields: Sequence[str], versions=(STATE_VERSION,)) -> None:
         if not isinstance(d, dict) or d.get("version") not in versions:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise DataStateError(f"data loader state version {got!r} is not {' or '.join(map(str, versions))}")
+            raise DataStateError(
+                f"data loader state version {got!r} is not {' or '.join(map(str, versions))}"
+            )
         mine = self.state_dict()
         bad = [f"{k}: saved {d.get(k)!r}, now {mine[k]!r}" for k in fields if d.get(k) != mine[k]]
         if bad:
@@ -294,10 +300,12 @@ class ClipLoader:
             )
 
     def fits(self, d: dict[str, Any]) -> bool:
-        """Whether `load_state_dict(d)` continues exactly (else: `load_elastic` with every old rank's state)."""
+        """Whether `load_state_dict(d)` continues exactly (else: `load_elastic`, with every old rank's)."""
         keys = ("world_size", "workers", "shuffle_buffer", "rank")
-        return isinstance(d, dict) and d.get("version") == STATE_VERSION and all(
-            d.get(k) == getattr(self.spec, k) for k in keys
+        return (
+            isinstance(d, dict)
+            and d.get("version") == STATE_VERSION
+            and all(d.get(k) == getattr(self.spec, k) for k in keys)
         )
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -312,7 +320,9 @@ class ClipLoader:
             epoch = self.load_nearest_safe_point([d], policy="replay")
             log.warning(
                 "data position saved by an older loader (state version 1, another sample order): "
-                "rank %d restarts at the start of epoch %d", self.spec.rank, epoch,
+                "rank %d restarts at the start of epoch %d",
+                self.spec.rank,
+                epoch,
             )
             return
         self._check_state(d, ("manifest", "seed", "rank", "world_size", "workers", "shuffle_buffer"))
@@ -343,7 +353,8 @@ class ClipLoader:
             epoch = self.load_nearest_safe_point(states, policy="replay")
             log.warning(
                 "data positions saved by an older loader (state version 1, another sample order): "
-                "the stream restarts at the start of epoch %d", epoch,
+                "the stream restarts at the start of epoch %d",
+                epoch,
             )
             return len(states)
         for d in states:
@@ -565,11 +576,19 @@ def _warn_about_reads(manifest, urls: Sequence[str], slots: int, seed: int, sour
         log.warning(
             "%s: %s, so streams read those shards from their start: an epoch at %d streams reads about "
             "%.2fx the data (1.00x with an index); %s",
-            source, why, slots, factor, fix,
+            source,
+            why,
+            slots,
+            factor,
+            fix,
         )
     if manifest.total_samples < slots:
         log.warning(
             "%s: %d samples for %d streams (ranks x workers): each stream gets a sample only in some "
             "epochs (%d of every %d); fine for a demo, slow for training",
-            source, manifest.total_samples, slots, manifest.total_samples, slots,
+            source,
+            manifest.total_samples,
+            slots,
+            manifest.total_samples,
+            slots,
         )

@@ -182,7 +182,9 @@ class StreamOrder:
         j = consumed // self.size
         whole = j * self.size
         perm = self.permutation(j, min(self.size, n - whole))
-        return np.concatenate([np.arange(whole), whole + np.asarray(perm[: consumed - whole], dtype=np.int64)])
+        return np.concatenate(
+            [np.arange(whole), whole + np.asarray(perm[: consumed - whole], dtype=np.int64)]
+        )
 
     def output(self, n: int) -> list[int]:
         """All n indices in the order they leave (for tests and simulations)."""
@@ -358,7 +360,12 @@ def fresh_read_cost(
 
 
 def slice_read_cost(
-    layout: Layout, positions: np.ndarray, shard_bytes: Sequence[int], counts: Sequence[int], *, seekable: bool
+    layout: Layout,
+    positions: np.ndarray,
+    shard_bytes: Sequence[int],
+    counts: Sequence[int],
+    *,
+    seekable: bool,
 ) -> tuple[float, int]:
     """(bytes, opens) of one stream reading any sorted positions (a remainder's scattered ones too)."""
     total, opens = 0.0, 0

@@ -100,8 +100,11 @@ class ShardReader:
                             stale = True
                             break
                         if k in duplicates:
-                            sample = RawSample(sample.key, fault="duplicate_key",
-                                               detail=f"key {sample.key!r} appears twice in the shard")
+                            sample = RawSample(
+                                sample.key,
+                                fault="duplicate_key",
+                                detail=f"key {sample.key!r} appears twice in the shard",
+                            )
                         yield sample
                         k += 1
                 except Exception as exc:  # noqa: BLE001 - e.g. a connection that drops mid-run
@@ -109,8 +112,12 @@ class ShardReader:
                 finally:
                     _close_quietly(f)
             if stale:
-                self.counts.note("bad_index", f"{ref.index}: sample {k} of {ref.name} is not {spans[k].key!r}"
-                                 if k < k1 else f"{ref.index}: run [{k0}, {k1}) holds more samples")
+                self.counts.note(
+                    "bad_index",
+                    f"{ref.index}: sample {k} of {ref.name} is not {spans[k].key!r}"
+                    if k < k1
+                    else f"{ref.index}: run [{k0}, {k1}) holds more samples",
+                )
                 self._indices[ref.index] = (None, set())
                 yield from self._from_start(ref, wanted[wanted >= k])
                 return
@@ -134,8 +141,11 @@ class ShardReader:
                         break
                     seen = i + 1
                     if j == len(wanted):  # read whole: a sample the manifest does not count
-                        self.counts.note("extra_samples", f"{ref.url}: holds more than the manifest's "
-                                         f"{ref.samples} samples (they are never read; verify_shards)")
+                        self.counts.note(
+                            "extra_samples",
+                            f"{ref.url}: holds more than the manifest's "
+                            f"{ref.samples} samples (they are never read; verify_shards)",
+                        )
                         break
                     if i == wanted[j]:
                         yield sample

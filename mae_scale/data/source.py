@@ -116,9 +116,7 @@ class _Chunks(io.RawIOBase):
                 super().close()
 
 
-def open_range(
-    url: str, start: int, end: int, on_bytes: Callable[[int], None] | None = None
-) -> IO[bytes]:
+def open_range(url: str, start: int, end: int, on_bytes: Callable[[int], None] | None = None) -> IO[bytes]:
     """Bytes [start, end) of a seekable source (`can_seek`), as a stream; reading past `end` gives EOF."""
     path = _local_path(url)
     if path is not None:
@@ -140,7 +138,9 @@ def open_range(
         except Exception as exc:  # noqa: BLE001 - aiohttp's and other backends' errors, named
             raise OSError(f"{url} bytes [{a}, {b}): {type(exc).__name__}: {exc}") from exc
         if len(data) != b - a:  # e.g. a server that ignores Range and sends the whole file
-            raise OSError(f"{url} bytes [{a}, {b}): got {len(data)} bytes (does the server do range requests?)")
+            raise OSError(
+                f"{url} bytes [{a}, {b}): got {len(data)} bytes (does the server do range requests?)"
+            )
         return data
 
     return _Chunks(read_remote, start, end, RANGE_CHUNK, on_bytes)

@@ -176,7 +176,9 @@ class ClipStream(IterableDataset):
         spec = self.spec
         mine = self.window.get(slot, {})
         if epoch in mine:
-            return mine[epoch], StreamOrder(spec.seed, epoch, self.window_tag, spec.slots, slot, spec.shuffle_buffer)
+            return mine[epoch], StreamOrder(
+                spec.seed, epoch, self.window_tag, spec.slots, slot, spec.shuffle_buffer
+            )
         lo, hi = fresh_bounds(self._layout(epoch), spec.slots, epoch)
         positions = np.arange(lo[slot], hi[slot], dtype=np.int64)
         return positions, StreamOrder(spec.seed, epoch, FRESH, spec.slots, slot, spec.shuffle_buffer)
@@ -246,8 +248,13 @@ class ClipStream(IterableDataset):
                 label = self._clips(item, epoch, stats, to_rgb, out)
                 if label is BAD:
                     if filled == 0 and since >= HEARTBEAT_ITEMS:
-                        yield {"_worker": worker, "_buffer": -1, "_position": (epoch, consumed),
-                               "_stats": stats.pop(), "_heartbeat": True}
+                        yield {
+                            "_worker": worker,
+                            "_buffer": -1,
+                            "_position": (epoch, consumed),
+                            "_stats": stats.pop(),
+                            "_heartbeat": True,
+                        }
                         since = 0
                     continue
                 filled += 1

@@ -190,7 +190,9 @@ def check_index(shard: ShardInfo, url: str, index_url: str, frames: dict[str, in
         with open_shard(url) as f:
             scanned = scan_tar(f, frames.items())
     except Exception as exc:  # noqa: BLE001 - the tar itself is reported by the main pass
-        return [Fault(shard.name, "", "index_mismatch", f"{index_url}: the tar's headers do not scan ({exc})")]
+        return [
+            Fault(shard.name, "", "index_mismatch", f"{index_url}: the tar's headers do not scan ({exc})")
+        ]
     for i, (mine, real) in enumerate(zip(index.samples, scanned, strict=False)):
         known = real.frames is not None and mine.frames is not None
         if (mine.key, mine.offset, mine.length) != (real.key, real.offset, real.length) or (
@@ -207,7 +209,14 @@ def check_index(shard: ShardInfo, url: str, index_url: str, frames: dict[str, in
                 )
             ]
     if len(scanned) != len(index.samples):
-        return [Fault(shard.name, "", "index_mismatch", f"{index_url}: {len(index.samples)} samples, the tar {len(scanned)}")]
+        return [
+            Fault(
+                shard.name,
+                "",
+                "index_mismatch",
+                f"{index_url}: {len(index.samples)} samples, the tar {len(scanned)}",
+            )
+        ]
     return []
 
 
@@ -276,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAULT {f}")
     if summary.get("unindexed"):
         print(
-            f"note: {summary['unindexed']} of {summary['shards']} shards have no per-sample index; the loader "
+            f"note: {summary['unindexed']} of {summary['shards']} shards have no per-sample index; the loader"
+            " "
             f"reads them from their start (python tools/index_shards.py {args.shards} adds one)"
         )
     reasons = ", ".join(f"{r} x{n}" for r, n in Counter(f.reason for f in faults).most_common())

@@ -250,7 +250,9 @@ class Checkpointer:
     def rank_states(self, tag: str) -> list[dict[str, Any]]:
         """Every rank's saved state (data position, counters) of checkpoint `tag`, rank order."""
         path = self.root / tag
-        return [json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(self.info(tag)["world_size"])]
+        return [
+            json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(self.info(tag)["world_size"])
+        ]
 
     def _universal(self, tag: str) -> Path:
         """Convert a ZeRO checkpoint to DeepSpeed's universal format (once), for a new world size."""
