@@ -26,7 +26,7 @@ ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 MODEL_PRESETS = ("tiny", "vit_b", "vit_l", "vit_h", "vit_g", "vit_2b")
 SHORT_VIDEO_POLICIES = ("stride", "loop", "skip")
 REPEAT_SPANS = ("video", "clip")
-RESHARD_POLICIES = ("replay", "skip")
+RESHARD_POLICIES = ("exact", "replay", "skip")
 WANDB_MODES = ("offline", "online", "off")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -106,9 +106,10 @@ class CheckpointConfig:
     every_steps: int = 1000  # save every N optimizer steps
     every_minutes: float = 60.0  # ... or every M minutes, whichever first (0: off)
     keep: int = 3  # newest checkpoints kept
-    # resuming on another world size restarts the data at an epoch boundary: "replay" the epoch the
-    # slowest old stream was in (nothing skipped), or "skip" to the first epoch no stream had started
-    reshard_data: str = "replay"
+    # resuming on another world size (or data.workers): "exact" continues the unfinished epoch, every
+    # sample once; or restart at an epoch boundary: "replay" the epoch the slowest old stream was in
+    # (nothing skipped), "skip" to the first epoch no stream had started (nothing repeated)
+    reshard_data: str = "exact"
 
 
 @dataclass

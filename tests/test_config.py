@@ -71,7 +71,10 @@ def test_yaml_path_and_saved_round_trip(tmp_path):
         ("data.size=100", "data.size=100: must be a multiple of the patch size 16"),
         ("data.num_frames=7", "data.num_frames=7: must be a multiple of model.t_patch_size=2"),
         ("log.wandb=yes", "log.wandb='yes': must be one of offline, online, off"),
-        ("checkpoint.reshard_data=drop", "checkpoint.reshard_data='drop': must be one of replay, skip"),
+        (
+            "checkpoint.reshard_data=drop",
+            "checkpoint.reshard_data='drop': must be one of exact, replay, skip",
+        ),
         ("data.flip=maybe", "data.flip='maybe': expected true or false"),
         ("model=3", "model='3': is a section"),
         ("train.steps", "expected key.sub=value"),

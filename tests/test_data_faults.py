@@ -105,7 +105,7 @@ def faulty(tmp_path_factory, demo_shards, index_video):
         *manifest.shards,
         ShardInfo(
             "faults-000004.tar",
-            11,
+            12,  # every sample the tar holds: the loader plans (and reads) exactly the manifest's count
             (out / "faults-000004.tar").stat().st_size,
             sha256_file(out / "faults-000004.tar"),
         ),

@@ -148,6 +148,15 @@ def test_demo_built_once_by_racing_processes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     assert verify_shards(tmp_path / "demo")[0] == []
     assert ensure_demo_shards(tmp_path / "demo") == tmp_path / "demo"  # idempotent
+    # a demo set an older version built, without the per-sample index, is rebuilt with it
+    manifest_path = tmp_path / "demo" / "manifest.json"
+    old = json.loads(manifest_path.read_text())
+    for shard in old["shards"]:
+        (tmp_path / "demo" / shard.pop("index")).unlink()
+    manifest_path.write_text(json.dumps(old))
+    assert not read_manifest(tmp_path / "demo")[0].indexed
+    ensure_demo_shards(tmp_path / "demo")
+    assert read_manifest(tmp_path / "demo")[0].indexed and verify_shards(tmp_path / "demo")[0] == []
 
 
 def test_manifest_errors_name_the_file(tmp_path):

@@ -322,27 +322,94 @@ def test_resume_from_another_runs_checkpoint_folder(one_rank_run, tmp_path):
     assert (source / "config.yaml").is_file()  # the resolved config travels with every checkpoint
 
 
-def test_resume_two_ranks_on_one_rank(tmp_path, demo_shards):
+def _epoch_keys(shards, world: int, epoch: int) -> list[list[str]]:
+    """What a fresh run of the demo preset at `world` ranks gets in `epoch`, per rank, in order."""
+    from mae_scale.config import Config
+    from mae_scale.data.loader import build_loader
+    from mae_scale.data.stream import ClipStream
+
+    data = Config.load("demo", [f"data.shards={shards}"]).data
+    out = []
+    for rank in range(world):
+        loader = build_loader(data, batch_size=1, seed=0, rank=rank, world_size=world)
+        out.append([item.raw.key for item in ClipStream(loader.spec, [(0, 0)]).epoch_items(rank, epoch)])
+    return out
+
+
+def _first_keys(run, rank, steps) -> list[str]:
+    """The sample of each step (batches of 1 video: its R clips share the key). The sample log
+    numbers a batch by the step count before it: the batch of optimizer step s is logged as s - 1."""
+    logged = _samples(run, rank)
+    return [logged[s][0] for s in steps]
+
+
+def test_resume_two_ranks_killed_mid_epoch_on_one_rank(tmp_path, demo_shards):
+    """2 ranks SIGKILLed mid-epoch, resumed on 1 (checkpoint.reshard_data=exact, the default): the
+    weights carry over, every sample of the epoch in flight is trained once over both runs, and the
+    next epoch is what a fresh 1-rank run trains in it. `skip` still restarts at the next epoch."""
     run = tmp_path / "reshard"
-    torchrun(COMMON + [f"run.dir={run}", "train.steps=6", "checkpoint.every_steps=6"])
-    saved = _weights(run, 6)
+    args = COMMON + [f"run.dir={run}", "train.batch_size=1", "log.sample_keys=true"]
+    latest = run / "checkpoints" / "latest"
+    with _torchrun_job(args + ["train.steps=1000", "checkpoint.every_steps=3"]) as proc:
+        _wait_for(latest.exists, proc)
+        _kill_job(proc)
+    # 4 demo videos, 2 per step: step 3 ends half-way through epoch 1
+    assert latest.read_text() == "step_00000003", "the kill came after a later checkpoint: no mid-epoch test"
+    saved = _weights(run, 3)
     expected_l2 = math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in saved.values()))
+    trained = {r: _first_keys(run, r, [0, 1, 2]) for r in (0, 1)}
     shutil.copytree(run, tmp_path / "reshard_skip")
-    proc = pretrain(COMMON + [f"run.dir={run}", "train.steps=9", "checkpoint.every_steps=9"])
+    proc = pretrain(args + ["train.steps=9", "checkpoint.every_steps=9"])
+    assert "data stream continues exactly (2 -> 1 ranks)" in proc.stderr, proc.stderr[-3000:]
     starts = [m for m in metrics(run) if m.get("event") == "start"]
-    assert starts[-1]["world_size"] == 1 and starts[-1]["step"] == 6
+    assert starts[-1]["world_size"] == 1 and starts[-1]["step"] == 3
     assert starts[-1]["weights_l2"] == pytest.approx(expected_l2, rel=1e-6)
-    restart = re.compile(r"world size 2 -> 1: data stream restarts at the start of epoch (\d+) \(([^)]*)\)")
-    replay = restart.search(proc.stderr)
-    assert replay and replay[2].startswith("checkpoint.reshard_data=replay"), proc.stderr[-3000:]
     losses = step_losses(run)
-    assert sorted(losses)[-3:] == [7, 8, 9] and all(math.isfinite(losses[s]) for s in (7, 8, 9))
+    assert sorted(losses)[-6:] == [4, 5, 6, 7, 8, 9] and all(math.isfinite(losses[s]) for s in range(4, 10))
+    demo = sorted(k for keys in _epoch_keys(demo_shards, 1, 0) for k in keys)
+    assert sorted(trained[0][:2] + trained[1][:2]) == demo  # steps 1-2: epoch 0
+    after = _first_keys(run, 0, range(3, 9))
+    assert sorted([trained[0][2], trained[1][2]] + after[:2]) == demo  # epoch 1: every video once
+    assert after[2:] == _epoch_keys(demo_shards, 1, 2)[0]  # epoch 2: as a fresh 1-rank run
 
     skip_run = tmp_path / "reshard_skip"
-    proc = pretrain(COMMON + [f"run.dir={skip_run}", "train.steps=7", "checkpoint.reshard_data=skip"])
-    skip = restart.search(proc.stderr)
-    assert skip and skip[2].startswith("checkpoint.reshard_data=skip"), proc.stderr[-3000:]
-    assert int(skip[1]) == int(replay[1]) + 1  # the old ranks were inside epoch N: skip starts at N + 1
+    proc = pretrain(
+        COMMON
+        + [f"run.dir={skip_run}", "train.batch_size=1", "train.steps=4", "checkpoint.reshard_data=skip"]
+    )
+    restart = re.search(
+        r"world size 2 -> 1: data stream restarts at the start of epoch (\d+) \(([^)]*)\)", proc.stderr
+    )
+    assert restart and restart[2].startswith("checkpoint.reshard_data=skip"), proc.stderr[-3000:]
+    assert int(restart[1]) == 2  # the old ranks were inside epoch 1: skip starts at 2
+
+
+def test_resume_one_rank_on_two_over_shards_without_an_index(tmp_path, demo_shards):
+    """An old-format shard set (no index: the loader warns, naming the read factor, and trains) on
+    1 rank, stopped mid-epoch, resumed on 2: every sample of that epoch once over both runs, then
+    each rank gets what a fresh 2-rank run gets."""
+    shards = tmp_path / "old_format"
+    shards.mkdir()
+    data = json.loads((demo_shards / "manifest.json").read_text())
+    for s in data["shards"]:
+        shutil.copy(demo_shards / s["name"], shards)
+        del s["index"]
+    (shards / "manifest.json").write_text(json.dumps(data))
+    run = tmp_path / "grow"
+    args = COMMON + [f"data.shards={shards}", f"run.dir={run}", "train.batch_size=1", "log.sample_keys=true"]
+    first = pretrain(
+        args + ["train.steps=6", "checkpoint.every_steps=6"]
+    )  # 4 videos a step: epoch 1 half done
+    assert "4 of 4 shards have no per-sample index" in first.stderr and "index_shards.py" in first.stderr
+    second = torchrun(args + ["train.steps=9", "checkpoint.every_steps=9"])
+    assert "data stream continues exactly (1 -> 2 ranks)" in second.stderr, second.stderr[-3000:]
+    demo = sorted(k for keys in _epoch_keys(shards, 1, 0) for k in keys)
+    before = _first_keys(run, 0, range(0, 6))
+    ranks = {r: _first_keys(run, r, [6, 7, 8]) for r in (0, 1)}
+    assert sorted(before[:4]) == demo
+    assert sorted(before[4:] + [ranks[0][0], ranks[1][0]]) == demo  # epoch 1: every video once
+    fresh = _epoch_keys(shards, 2, 2)
+    assert [ranks[0][1:], ranks[1][1:]] == fresh  # epoch 2: as a fresh 2-rank run, rank by rank
 
 
 def test_export_round_trip(tmp_path, demo_shards):

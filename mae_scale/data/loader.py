@@ -11,11 +11,16 @@ here, in the main process, from the batches the trainer actually received (never
 workers prefetched): per worker (epoch, items consumed) plus which worker comes next. Every rank
 yields forever, epochs following each other, so ranks running a fixed number of steps never wait
 on each other at the end of the data.
+
+On another number of ranks or workers, `load_elastic` continues the unfinished epochs exactly:
+from every old rank's position it recomputes what the old streams consumed (plan.py) and splits
+the rest over the new streams; the saved history of such changes is a few integers per old stream.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import multiprocessing
 import queue
@@ -29,16 +34,30 @@ import torch
 from torch.utils.data import DataLoader
 
 from mae_scale.data.decode import VideoLimits
+from mae_scale.data.plan import EpochPlan, Generation, PlanError, fresh_read_cost
 from mae_scale.data.shards import MAX_MEMBER_BYTES, beside_manifest, manifest_location, read_manifest
-from mae_scale.data.stream import BadDataError, BatchReturns, ClipStream, ShardRef, StreamSpec, stable_seed
+from mae_scale.data.source import can_seek
+from mae_scale.data.stream import (
+    HEARTBEAT_ITEMS,
+    BadDataError,
+    BatchReturns,
+    ClipStream,
+    ShardRef,
+    StreamSpec,
+    stable_seed,
+)
 from mae_scale.data.transforms import ClipSpec, clip_pixels
 
 __all__ = ["BadDataError", "ClipLoader", "DataStateError", "build_loader"]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-RESHARD_POLICIES = ("replay", "skip")  # of load_nearest_safe_point (config.py keeps a copy)
+STATE_VERSION = 2  # 2: block-shuffled balanced plan (plan.py) and its elastic history
+RESHARD_POLICIES = (
+    "exact",
+    "replay",
+    "skip",
+)  # load_elastic, load_nearest_safe_point (config.py keeps a copy)
 
 
 class DataStateError(ValueError):
@@ -108,7 +127,18 @@ class ClipLoader:
         self._positions: list[tuple[int, int]] = [(0, 0)] * spec.workers
         self._next = 0  # logical worker whose batch comes next
         self._totals = _Totals()
+        # After an elastic resume: the generations before this one (plan.Generation), and this rank's
+        # share of the epochs they left unfinished: _window[slot][epoch] = positions.
+        self._history: tuple[Generation, ...] = ()
+        self._window: dict[int, dict[int, np.ndarray]] = {}
+        self._window_last = -1  # the window's last epoch
         self._batches_allocated = 0  # by the workers of this loader object: a memory figure, not saved
+        # what this loader object's readers fetched: an I/O figure, not saved (a resumed run reads
+        # the block it resumes in again, so the figure differs where the data does not)
+        self._io = Counter(bytes_read=0, index_bytes_read=0, opens=0)
+        self._bad_run = 0  # bad items since this rank's streams last gave a good sample
+        # ... and how many make "no usable sample": more than the rank's share of an epoch
+        self._bad_run_limit = max(HEARTBEAT_ITEMS, -(-sum(s.samples for s in spec.shards) // spec.world_size))
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -125,7 +155,14 @@ class ClipLoader:
                 queues = [queue.SimpleQueue()]
             # kept per worker: in flight, held by the trainer, released but not yet sent back
             returns = BatchReturns(queues, keep=self.prefetch_factor + 3)
-        dataset = ClipStream(self.spec, list(self._positions), worker_offset=self._next, returns=returns)
+        dataset = ClipStream(
+            self.spec,
+            list(self._positions),
+            worker_offset=self._next,
+            returns=returns,
+            window=self._window,
+            window_tag=f"g{len(self._history)}",
+        )
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             extra = dict(
@@ -161,8 +198,13 @@ class ClipLoader:
                 self._next = (worker + 1) % self.spec.workers
                 delta = batch.pop("_stats")
                 self._batches_allocated += delta.pop("batches_allocated")
+                for key in self._io:
+                    self._io[key] += delta.pop(key)
                 self._totals.add(delta)
+                self._bad_run = 0 if delta["samples"] else self._bad_run + sum(delta["bad"].values())
                 self._check_bad_ratio()
+                if batch.pop("_heartbeat", False):  # a stream finding only bad samples: nothing to train
+                    continue
                 buffer = batch.pop("_buffer")
                 if buffer >= 0:
                     give_back = functools.partial(released.put, (worker, buffer))
@@ -179,6 +221,12 @@ class ClipLoader:
 
     def _check_bad_ratio(self) -> None:
         t = self._totals
+        if self._bad_run >= self._bad_run_limit:
+            raise BadDataError(
+                f"rank {self.spec.rank}: its streams gave no usable sample in {self._bad_run} items, more "
+                f"than the rank's share of an epoch; bad: {dict(t.bad)}; examples: {t.examples}. Check "
+                f"the shards with: python tools/verify_shards.py {self.source or '<shards dir>'}"
+            )
         bad = sum(t.bad.values())
         seen = bad + t.samples
         if seen < self.min_samples or bad <= self.max_bad_ratio * seen:
@@ -200,17 +248,27 @@ class ClipLoader:
         d["bad_total"] = bad
         d["bad_ratio"] = bad / max(1, bad + d["samples"])
         d["batches_allocated"] = self._batches_allocated  # new clip batches, not reused ones
+        d.update(self._io)  # bytes_read (shards), index_bytes_read, opens: by this loader object
         d["epoch"] = min(e for e, _ in self._positions)
         return d
+
+    @property
+    def slots(self) -> range:
+        """This rank's streams (global stream indices)."""
+        first = self.spec.rank * self.spec.workers
+        return range(first, first + self.spec.workers)
 
     # -- position -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable position after the last batch the caller received.
 
         `positions[w]` = [epoch, items consumed in that epoch] of logical worker w (items are
-        samples and tar faults out of the shuffle buffer); `epoch` is the coarse position, the
-        epoch every stream of this rank has reached.
+        samples and tar faults, one per planned sample, out of the block shuffle); `epoch` is the
+        coarse position, the epoch every stream of this rank has reached. `history`: the earlier
+        generations (plan.Generation) while a stream of this rank still reads what they left of an
+        epoch; empty once all have moved past it.
         """
+        past_window = all(e > self._window_last for e, _ in self._positions)
         return {
             "version": STATE_VERSION,
             "manifest": self.manifest_id,
@@ -218,54 +276,139 @@ class ClipLoader:
             "rank": self.spec.rank,
             "world_size": self.spec.world_size,
             "workers": self.spec.workers,
+            "shuffle_buffer": self.spec.shuffle_buffer,
             "batch_size": self.spec.batch_size,
             "next_worker": self._next,
             "positions": [list(p) for p in self._positions],
             "epoch": min(e for e, _ in self._positions),
+            "history": [] if past_window else [g.to_dict() for g in self._history],
             "stats": self._totals.as_dict(),
         }
 
-    def _check_state(self, d: dict[str, Any], fields: Sequence[str]) -> None:
-        if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+    def _check_state(self, d: dict[str, Any], fields: Sequence[str], versions=(STATE_VERSION,)) -> None:
+        if not isinstance(d, dict) or d.get("version") not in versions:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise DataStateError(f"data loader state version {got!r} is not {STATE_VERSION}")
+            raise DataStateError(
+                f"data loader state version {got!r} is not {' or '.join(map(str, versions))}"
+            )
         mine = self.state_dict()
         bad = [f"{k}: saved {d.get(k)!r}, now {mine[k]!r}" for k in fields if d.get(k) != mine[k]]
         if bad:
             raise DataStateError(
                 "saved data loader position does not fit this loader (" + "; ".join(bad) + "). "
-                "For another world size or worker count use load_nearest_safe_point()."
+                "For another world size, worker count or shuffle buffer use load_elastic()."
             )
 
+    def fits(self, d: dict[str, Any]) -> bool:
+        """Whether `load_state_dict(d)` continues exactly (else: `load_elastic`, with every old rank's)."""
+        keys = ("world_size", "workers", "shuffle_buffer", "rank")
+        return (
+            isinstance(d, dict)
+            and d.get("version") == STATE_VERSION
+            and all(d.get(k) == getattr(self.spec, k) for k in keys)
+        )
+
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Continue exactly where a loader with the same data, seed, rank, world size and workers stopped.
+        """Continue exactly where a loader with the same data, seed, rank, world size, workers and
+        shuffle buffer stopped.
 
         Call before iter(). The batch size may differ: each worker's stream continues exactly,
-        only the grouping of samples into batches changes.
+        only the grouping of samples into batches changes. A state of the version-1 loader (another
+        sample order) restarts at the start of its earliest epoch, with a warning.
         """
-        self._check_state(d, ("manifest", "seed", "rank", "world_size", "workers"))
+        if isinstance(d, dict) and d.get("version") == 1:
+            epoch = self.load_nearest_safe_point([d], policy="replay")
+            log.warning(
+                "data position saved by an older loader (state version 1, another sample order): "
+                "rank %d restarts at the start of epoch %d",
+                self.spec.rank,
+                epoch,
+            )
+            return
+        self._check_state(d, ("manifest", "seed", "rank", "world_size", "workers", "shuffle_buffer"))
         positions = d["positions"]
         if len(positions) != self.spec.workers or not 0 <= d["next_worker"] < self.spec.workers:
             raise DataStateError(
                 f"saved positions {positions} / next_worker {d['next_worker']} are malformed"
             )
+        try:
+            self._set_history(tuple(Generation.from_dict(g) for g in d.get("history", [])))
+        except PlanError as exc:
+            raise DataStateError(f"saved data history does not fit this data: {exc}") from exc
         self._positions = [(int(e), int(c)) for e, c in positions]
         self._next = int(d["next_worker"])
         self._totals = _Totals(d.get("stats"))
 
-    def load_nearest_safe_point(self, states: Sequence[dict[str, Any]], policy: str = "replay") -> int:
-        """Resume from the states of all old ranks when world size or workers changed; returns the epoch.
+    def load_elastic(self, states: Sequence[dict[str, Any]]) -> int:
+        """Continue exactly from the states of every rank of a run with another number of ranks,
+        workers per rank or shuffle buffer; returns the old number of ranks.
 
-        Positions inside an epoch do not carry over to another split of the data, so every stream
-        restarts at the start of one epoch. `replay` (default): the earliest epoch any old stream
-        was in; samples the old run saw in that epoch (and any later one) are seen again, none is
-        skipped. `skip`: the epoch after the latest one any old stream had started; the unseen rest
-        of unfinished epochs is skipped, nothing is repeated. Stats restart from zero.
+        Every sample of the epochs the old run had started and not finished is read once by the
+        streams of both runs together: none repeated, none skipped. The epochs after those are
+        planned as a run started at this size plans them. Stats restart from zero.
+        """
+        if not states:
+            raise DataStateError("load_elastic needs the saved state of every old rank, got none")
+        if any(isinstance(d, dict) and d.get("version") == 1 for d in states):
+            epoch = self.load_nearest_safe_point(states, policy="replay")
+            log.warning(
+                "data positions saved by an older loader (state version 1, another sample order): "
+                "the stream restarts at the start of epoch %d",
+                epoch,
+            )
+            return len(states)
+        for d in states:
+            self._check_state(d, ("manifest", "seed"))
+        world = {int(d["world_size"]) for d in states}
+        workers = {int(d["workers"]) for d in states}
+        blocks = {int(d["shuffle_buffer"]) for d in states}
+        ranks = sorted(int(d["rank"]) for d in states)
+        one_run = len(world) == len(workers) == len(blocks) == 1
+        if not one_run or ranks != list(range(min(world))):
+            raise DataStateError(
+                f"load_elastic needs one state per old rank, all of one run: got ranks {ranks}, "
+                f"world sizes {sorted({int(d['world_size']) for d in states})}, workers {sorted(workers)}, "
+                f"shuffle buffers {sorted(blocks)}"
+            )
+        ordered = sorted(states, key=lambda d: int(d["rank"]))
+        positions = tuple((int(e), int(c)) for d in ordered for e, c in d["positions"])
+        histories = {json.dumps(d.get("history", []), sort_keys=True) for d in ordered if d.get("history")}
+        if len(histories) > 1:
+            raise DataStateError("the old ranks' states disagree on the data history (mixed checkpoints?)")
+        try:
+            history = tuple(Generation.from_dict(g) for g in json.loads(histories.pop())) if histories else ()
+            old = Generation(len(positions), positions, blocks.pop())
+            plan = self._set_history((*history, old))
+        except PlanError as exc:
+            raise DataStateError(f"the old ranks' data positions do not fit this data: {exc}") from exc
+        self._positions = [(plan.start_epoch(), 0)] * self.spec.workers
+        self._next = 0
+        self._totals = _Totals()
+        return len(ordered)
+
+    def _set_history(self, history: tuple[Generation, ...]) -> EpochPlan | None:
+        """Adopt earlier generations: compute this rank's share of what they left unfinished."""
+        self._history, self._window, self._window_last = history, {}, -1
+        if not history:
+            return None
+        counts = [s.samples for s in self.spec.shards]
+        plan = EpochPlan(counts, self.spec.seed, self.spec.slots, self.spec.shuffle_buffer, history)
+        self._window = {slot: {e: plan.positions(e, slot) for e in plan.remaining} for slot in self.slots}
+        self._window_last = max(plan.remaining, default=-1)
+        return plan
+
+    def load_nearest_safe_point(self, states: Sequence[dict[str, Any]], policy: str = "replay") -> int:
+        """Resume from the states of all old ranks at an epoch boundary; returns the epoch.
+
+        `replay`: the earliest epoch any old stream was in; samples the old run saw in that epoch
+        (and any later one) are seen again, none is skipped. `skip`: the epoch after the latest one
+        any old stream had started; the unseen rest of unfinished epochs is skipped, nothing is
+        repeated. Stats restart from zero. (`load_elastic` continues exactly instead.)
         """
         if not states:
             raise DataStateError("load_nearest_safe_point needs the saved state of at least one rank")
         for d in states:
-            self._check_state(d, ("manifest", "seed"))
+            self._check_state(d, ("manifest", "seed"), versions=(1, STATE_VERSION))
         positions = [(int(e), int(c)) for d in states for e, c in d["positions"]]
         if policy == "replay":
             epoch = min(e for e, _ in positions)
@@ -273,6 +416,7 @@ class ClipLoader:
             epoch = max(e + (c > 0) for e, c in positions)
         else:
             raise ValueError(f"policy must be 'replay' or 'skip', got {policy!r}")
+        self._set_history(())
         self._positions = [(epoch, 0)] * self.spec.workers
         self._next = 0
         self._totals = _Totals()
@@ -377,28 +521,19 @@ def build_loader(
         raise ValueError("bad data loader settings: " + "; ".join(errors))
 
     manifest, urls = read_manifest(data_cfg.shards)
-    location = manifest_location(data_cfg.shards)
     workers = max(1, data_cfg.workers)
     slots = world_size * workers
-    if manifest.total_samples < slots:
-        raise ValueError(
-            f"{data_cfg.shards}: {manifest.total_samples} samples cannot feed {world_size} ranks x "
-            f"{workers} workers = {slots} streams; lower data.workers or add data"
-        )
-    if len(manifest.shards) < slots and rank == 0:
-        log.warning(
-            "%s: %d shards for %d streams (ranks x workers): every worker reads every shard and keeps "
-            "1 sample in %d; fine for small data, wasteful for large",
-            data_cfg.shards,
-            len(manifest.shards),
-            slots,
-            slots,
-        )
+    if manifest.total_samples == 0:
+        raise ValueError(f"{data_cfg.shards}: the manifest lists no samples")
+    if rank == 0:
+        _warn_about_reads(manifest, urls, slots, seed, str(data_cfg.shards))
+    location = manifest_location(data_cfg.shards)
+    refs = tuple(
+        ShardRef(url, s.name, s.samples, beside_manifest(location, s.index) if s.index else "", s.bytes)
+        for url, s in zip(urls, manifest.shards, strict=True)
+    )
     spec = StreamSpec(
-        shards=tuple(
-            ShardRef(url, s.name, s.samples, beside_manifest(location, s.index) if s.index else "")
-            for url, s in zip(urls, manifest.shards, strict=True)
-        ),
+        shards=refs,
         clip=clip,
         batch_size=batch_size,
         seed=seed,
@@ -430,3 +565,39 @@ def shared_memory_per_rank(data_cfg: Any, batch_size: int, prefetch_factor: int 
         return 0
     clip = data_cfg.num_frames * data_cfg.size**2 * 3  # uint8 (C, T, H, W)
     return data_cfg.workers * (prefetch_factor + 5) * batch_size * data_cfg.repeats * clip
+
+
+def _warn_about_reads(manifest, urls: Sequence[str], slots: int, seed: int, source: str) -> None:
+    """One line at start when an epoch will read more than the data (no index, or no seeking),
+    naming the read factor and the fix; and one when some streams get no sample in an epoch."""
+    seekable = all(can_seek(url) for url in urls)
+    unindexed = sum(1 for s in manifest.shards if not s.index)
+    if unindexed or not seekable:
+        counts, sizes = [s.samples for s in manifest.shards], [s.bytes for s in manifest.shards]
+        read = fresh_read_cost(counts, sizes, seed, 0, slots, seekable=False).bytes.sum()
+        factor = read / max(1, manifest.total_bytes)
+        if seekable:
+            why = f"{unindexed} of {len(manifest.shards)} shards have no per-sample index"
+            fix = f"add one: python tools/index_shards.py {source} --out DIR (or rebuild with make_shards)"
+        else:
+            why = "its shards come from a source that cannot seek (pipe:)"
+            fix = "serve them from a path, http(s) or an fsspec URL, with an index"
+        log.warning(
+            "%s: %s, so streams read those shards from their start: an epoch at %d streams reads about "
+            "%.2fx the data (1.00x with an index); %s",
+            source,
+            why,
+            slots,
+            factor,
+            fix,
+        )
+    if manifest.total_samples < slots:
+        log.warning(
+            "%s: %d samples for %d streams (ranks x workers): each stream gets a sample only in some "
+            "epochs (%d of every %d); fine for a demo, slow for training",
+            source,
+            manifest.total_samples,
+            slots,
+            manifest.total_samples,
+            slots,
+        )

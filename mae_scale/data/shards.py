@@ -134,16 +134,14 @@ def is_url(location: str) -> bool:
 
 
 def open_shard(url: str) -> IO[bytes]:
-    """A readable stream for a local path or any webdataset URL (`pipe:`, `http://`, ...).
-
-    webdataset (and with it torch) is imported only for URLs, so the shard writer's worker
-    processes start in a fraction of a second.
-    """
+    """A readable stream for a local path, an fsspec URL (`http(s)://`, `s3://`, ...) or a `pipe:`
+    command (source.py; fsspec and webdataset are imported only for URLs, so the shard writer's
+    worker processes start in a fraction of a second)."""
     if not is_url(url) or url.startswith("file:"):
         return open(url.removeprefix("file://").removeprefix("file:"), "rb")
-    import webdataset as wds
+    from mae_scale.data.source import open_stream
 
-    return wds.gopen(url, "rb")
+    return open_stream(url)
 
 
 def is_video_member(ext: str) -> bool:

@@ -1,17 +1,17 @@
 """One loader worker's stream of batches: a pure function of (seed, epoch, rank, worker, world size, workers).
 
-Per epoch, the manifest's shards are shuffled from (seed, epoch) and dealt to the
-`world_size * workers` streams ("slots"); with fewer shards than slots every slot reads all
-shards and keeps every S-th sample instead, so no worker is ever empty. Each slot's samples pass
-a seeded shuffle buffer, then are decoded once into R clips. Positions count raw items (samples
-and faults) out of the shuffle buffer, so resuming replays the tar reading and the buffer but
-decodes nothing that was skipped. Augmentation is seeded per (seed, epoch, shard, key): a sample
-looks the same whichever worker reads it.
+Which samples a stream ("slot": rank x workers + worker) reads in an epoch and in which order is
+planned by plan.py without I/O: a contiguous, balanced share of the epoch's sample sequence, read
+as runs of samples (reader.py: byte ranges with a per-sample index, from the shard's start
+without one), leaving in seeded blocks of `shuffle_buffer` samples. After an elastic resume the
+loader hands each stream its share of what the old run left of the unfinished epochs (`window`).
+Positions count raw items (samples and faults, one per planned sample) out of the block shuffle,
+so resuming skips whole blocks without reading them and decodes nothing that was skipped.
+Augmentation is seeded per (seed, epoch, shard, key): a sample looks the same whichever worker reads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -20,46 +20,33 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, RGBConverter, VideoLimits, decode_frames
 from mae_scale.data.index import ShardIndexError, read_index
-from mae_scale.data.shards import (
-    MAX_MEMBER_BYTES,
-    VIDEO_MEMBERS,
-    RawSample,
-    iter_tar,
-    open_shard,
-    video_member,
-)
+from mae_scale.data.plan import FRESH, Layout, StreamOrder, fresh_bounds, shard_order, stable_seed
+from mae_scale.data.reader import ReadCounts, ShardReader, ShardRef
+from mae_scale.data.shards import MAX_MEMBER_BYTES, VIDEO_MEMBERS, RawSample, video_member
 from mae_scale.data.transforms import ClipSpec, empty_clips, make_clips, plan_clips
 
+__all__ = ["BadDataError", "ClipStream", "Item", "ShardRef", "StreamSpec", "shard_order", "stable_seed"]
+
 BAD = object()  # marks a sample that was skipped (and counted)
+# A stream that has consumed this many items since it last handed anything out, none of them good,
+# sends a "heartbeat" (its position and stats, no clips): the main process then sees the bad
+# samples (and its ratio rule can stop the run) instead of waiting on a worker that finds none.
+HEARTBEAT_ITEMS = 64
 
 
 class BadDataError(RuntimeError):
     """Too many bad samples (or none good): the message names the ratio, the limit and the main reasons."""
 
 
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from parts, equal in every process (unlike `hash()` on strings)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    url: str
-    name: str
-    samples: int  # from the manifest: lets a truncated or missing shard count its lost samples
-    index: str = ""  # URL of its per-sample index: frame counts of samples whose json has none
-
-
 @dataclass
 class Item:
-    """A sample leaving the shuffle buffer (or a fault standing for `bad` lost samples)."""
+    """A planned sample leaving the block shuffle: the sample, or a fault standing for `bad` lost samples."""
 
     shard: str
     raw: RawSample
@@ -76,6 +63,7 @@ class StreamStats:
     bad: Counter = field(default_factory=Counter)
     info: Counter = field(default_factory=Counter)  # notable but usable (short-video policies)
     examples: dict = field(default_factory=dict)  # reason -> "shard/key: detail" (first seen)
+    read: ReadCounts = field(default_factory=ReadCounts)  # bytes and opens of the shard readers
 
     def add_bad(self, reason: str, item: Item, detail: str, count: int = 1) -> None:
         self.bad[reason] += count
@@ -83,16 +71,20 @@ class StreamStats:
 
     def pop(self) -> dict:
         """The counts as a plain dict; the counters restart from zero."""
+        info = self.info + self.read.notes
+        examples = {**self.read.examples, **self.examples}
         out = {
             "samples": self.samples,
             "decoded": self.decoded,
             "batches_allocated": self.batches_allocated,
             "bad": dict(self.bad),
-            "info": dict(self.info),
-            "examples": dict(self.examples),
+            "info": dict(info),
+            "examples": examples,
+            **self.read.pop(),
         }
         self.samples, self.decoded, self.batches_allocated = 0, 0, 0
         self.bad, self.info, self.examples = Counter(), Counter(), {}
+        self.read.notes, self.read.examples = Counter(), {}
         return out
 
 
@@ -137,12 +129,6 @@ class BatchPool:
         return batch, len(self.batches) - 1
 
 
-def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(num_shards))
-    random.Random(stable_seed(seed, "shards", epoch)).shuffle(order)
-    return order
-
-
 @dataclass(frozen=True)
 class StreamSpec:
     shards: tuple[ShardRef, ...]
@@ -152,7 +138,7 @@ class StreamSpec:
     rank: int
     world_size: int
     workers: int  # streams per rank (DataLoader workers, 1 when loading in-process)
-    shuffle_buffer: int = 64
+    shuffle_buffer: int = 64  # samples per shuffled block (plan.StreamOrder)
     limits: VideoLimits = DEFAULT_LIMITS
     max_member_bytes: int = MAX_MEMBER_BYTES
 
@@ -167,6 +153,8 @@ class ClipStream(IterableDataset):
     DataLoader worker `p` plays logical worker `(p + worker_offset) % workers`, so a loader resumed
     after a batch of worker 1 starts with worker 1's stream and batches keep their order.
     `returns`: how the trainer gives batches back for reuse (`BatchReturns`); None: every batch is new.
+    `window[slot][epoch]`: the positions that slot reads in an epoch an earlier run left unfinished
+    (plan.EpochPlan), with `window_tag` seeding their block order; other epochs are planned whole.
     """
 
     def __init__(
@@ -175,63 +163,58 @@ class ClipStream(IterableDataset):
         start: list[tuple[int, int]],
         worker_offset: int = 0,
         returns: BatchReturns | None = None,
+        window: dict[int, dict[int, np.ndarray]] | None = None,
+        window_tag: str = FRESH,
     ):
         super().__init__()
         self.spec, self.start, self.worker_offset, self.returns = spec, start, worker_offset, returns
+        self.window, self.window_tag = window or {}, window_tag
+        self._counts = np.array([s.samples for s in spec.shards], dtype=np.int64)
 
     # -- which raw items a slot sees in an epoch ------------------------------------------------
-    def epoch_items(self, slot: int, epoch: int) -> Iterator[Item]:
-        """The slot's items for one epoch, after the shuffle buffer. Reads tars; decodes nothing."""
+    def plan(self, slot: int, epoch: int) -> tuple[np.ndarray, StreamOrder]:
+        """The sorted positions the slot reads in `epoch` and the order they leave it in."""
         spec = self.spec
-        order = [spec.shards[i] for i in shard_order(len(spec.shards), spec.seed, epoch)]
-        if len(order) >= spec.slots:
-            shards, keep = order[slot :: spec.slots], None  # whole shards per slot
-        else:
-            shards, keep = order, slot  # every slot reads every shard and keeps sample g where g % S == slot
-        rng = random.Random(stable_seed(spec.seed, "buffer", epoch, slot, spec.slots))
-        return iter(
-            wds.DataPipeline(
-                lambda: iter(shards),
-                lambda src: self._read(src, keep),
-                wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)
-                if spec.shuffle_buffer > 1
-                else None,
+        mine = self.window.get(slot, {})
+        if epoch in mine:
+            return mine[epoch], StreamOrder(
+                spec.seed, epoch, self.window_tag, spec.slots, slot, spec.shuffle_buffer
             )
-        )
+        lo, hi = fresh_bounds(self._layout(epoch), spec.slots, epoch)
+        positions = np.arange(lo[slot], hi[slot], dtype=np.int64)
+        return positions, StreamOrder(spec.seed, epoch, FRESH, spec.slots, slot, spec.shuffle_buffer)
 
-    def _read(self, shards: Iterator[ShardRef], keep: int | None) -> Iterator[Item]:
-        slots, g = self.spec.slots, 0  # g: the sample's global index in the epoch, by manifest counts
-        mine = (lambda i: True) if keep is None else (lambda i: i % slots == keep)
-        for shard in shards:
-            count = 0
-            try:
-                stream = open_shard(shard.url)
-            except Exception as exc:  # noqa: BLE001 - any failure to open is one fault, named
-                raw = RawSample("", fault="unreadable_shard", detail=f"{shard.url}: {exc}")
-            else:
-                raw = None
-                try:
-                    for sample in iter_tar(stream, self.spec.max_member_bytes):
-                        if sample.fault == "bad_tar":
-                            raw = sample
-                            break
-                        if mine(g + count):
-                            yield Item(shard.name, sample)
-                        count += 1
-                except Exception as exc:  # noqa: BLE001 - e.g. a stream that fails mid-read
-                    raw = RawSample("", fault="bad_tar", detail=f"{shard.url}: {type(exc).__name__}: {exc}")
-                finally:
-                    try:
-                        stream.close()
-                    except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that failed
-                        raw = raw or RawSample("", fault="unreadable_shard", detail=f"{shard.url}: {exc}")
-            if count < shard.samples and raw is None:
-                raw = RawSample("", fault="bad_tar", detail=f"ended after {count} of {shard.samples} samples")
-            if raw is not None:  # the samples the manifest promised but the tar did not deliver
-                lost = sum(1 for i in range(g + count, g + max(shard.samples, count + 1)) if mine(i))
-                if lost:
-                    yield Item(shard.name, raw, bad=lost)
-            g += max(shard.samples, count)
+    def epoch_items(
+        self, slot: int, epoch: int, skip: int = 0, reader: ShardReader | None = None
+    ) -> Iterator[Item]:
+        """The slot's items for one epoch in the order they leave it, from the `skip`-th on.
+
+        Reads tars from the block holding item `skip` on (earlier blocks are not read); decodes nothing.
+        """
+        positions, order = self.plan(slot, epoch)
+        n, size = len(positions), order.size
+        if skip >= n:
+            return
+        reader = reader or ShardReader(ReadCounts(), self.spec.max_member_bytes)
+        first = skip // size
+        items = self._read(self._layout(epoch), positions[first * size :], reader)
+        for j in range(first, -(-n // size)):
+            block = list(islice(items, size))  # the block's items in tar order
+            for i in order.permutation(j, len(block))[skip - first * size if j == first else 0 :]:
+                yield block[i]
+
+    def _layout(self, epoch: int) -> Layout:
+        cached = getattr(self, "_cached_layout", None)
+        if cached is None or cached[0] != epoch:
+            self._cached_layout = (epoch, Layout.of(self._counts, self.spec.seed, epoch))
+        return self._cached_layout[1]
+
+    def _read(self, layout: Layout, positions: np.ndarray, reader: ShardReader) -> Iterator[Item]:
+        """One item per position, in order: the sample, or a fault standing for it."""
+        for shard, samples in layout.groups(positions):
+            ref = self.spec.shards[shard]
+            for raw in reader.read(ref, samples):
+                yield Item(ref.name, raw)
 
     # -- the stream ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -246,6 +229,7 @@ class ClipStream(IterableDataset):
         slot = spec.rank * spec.workers + worker
         epoch, skip = self.start[worker]
         stats = StreamStats()
+        reader = ShardReader(stats.read, spec.max_member_bytes)
         to_rgb = RGBConverter()
         clip = spec.clip
         pool = BatchPool(
@@ -255,15 +239,25 @@ class ClipStream(IterableDataset):
         )
         batch, buffer = pool.take()
         filled, keys, labels, first_epoch = 0, [], [], None
+        since = 0  # items consumed since this stream last handed out a batch or a heartbeat
         while True:
-            consumed, good = skip, 0
-            for item in islice(self.epoch_items(slot, epoch), skip, None):  # fast-forward: tar reads only
+            consumed = skip
+            for item in self.epoch_items(slot, epoch, skip, reader):  # fast-forward: no decoding
                 consumed += 1
+                since += 1
                 out = batch[filled * clip.repeats : (filled + 1) * clip.repeats]
                 label = self._clips(item, epoch, stats, to_rgb, out)
                 if label is BAD:
+                    if filled == 0 and since >= HEARTBEAT_ITEMS:
+                        yield {
+                            "_worker": worker,
+                            "_buffer": -1,
+                            "_position": (epoch, consumed),
+                            "_stats": stats.pop(),
+                            "_heartbeat": True,
+                        }
+                        since = 0
                     continue
-                good += 1
                 filled += 1
                 first_epoch = epoch if first_epoch is None else first_epoch
                 keys += [item.raw.key] * clip.repeats
@@ -281,13 +275,8 @@ class ClipStream(IterableDataset):
                         "_stats": stats.pop(),
                     }
                     batch, buffer = pool.take()
-                    filled, keys, labels, first_epoch = 0, [], [], None
-            if skip == 0 and good == 0:
-                raise BadDataError(
-                    f"rank {spec.rank} worker {worker}: epoch {epoch} gave no usable sample "
-                    f"({consumed} items; bad: {dict(stats.bad)}; examples: {stats.examples})"
-                )
-            epoch, skip = epoch + 1, 0
+                    filled, keys, labels, first_epoch, since = 0, [], [], None, 0
+            epoch, skip = epoch + 1, 0  # an epoch with no samples for this stream happens (N < S)
 
     def _clips(self, item: Item, epoch: int, stats: StreamStats, to_rgb: RGBConverter, out: torch.Tensor):
         """Decode one sample into R clips written to `out` (R, C, T, H, W); its label, or BAD (counted)."""

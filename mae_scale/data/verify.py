@@ -2,7 +2,11 @@
 
     python tools/verify_shards.py /data/shards        # exit status 1 on any fault, each one named
 
-Every fault is reported as `shard key: reason: detail`; the summary ends the output.
+Every fault is reported as `shard key: reason: detail`; the summary ends the output. A shard's
+per-sample index (index.py) is checked against the tar's headers: `bad_index` (missing or
+malformed), `index_mismatch` (another name, size, count, or a sample's key, offset, length or
+frame count that the tar does not have). Shards without an index are no fault (older sets, other
+tools' shards); the summary counts them.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from pathlib import Path
 from typing import IO
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, VideoLimits, probe
+from mae_scale.data.index import ShardIndexError, read_index, scan_tar
 from mae_scale.data.shards import (
     MEMBERS,
     ManifestError,
     ShardInfo,
+    beside_manifest,
     is_url,
     iter_tar,
+    manifest_location,
     open_shard,
     read_manifest,
 )
@@ -83,11 +90,12 @@ def check_meta(meta: object) -> str | None:
     return None
 
 
-def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fault], int, list[str]]:
-    """Faults of one shard, its sample count and its keys."""
-    shard, url, decode, limits = job
+def verify_shard(job: tuple[ShardInfo, str, str, bool, VideoLimits]) -> tuple[list[Fault], int, list[str]]:
+    """Faults of one shard (its index too, at `index_url` unless ""), its sample count and its keys."""
+    shard, url, index_url, decode, limits = job
     faults: list[Fault] = []
     keys: list[str] = []
+    frames: dict[str, int] = {}  # from each sample's json, for the index check
     count = 0  # samples in the tar, faulty ones included
 
     def fault(key: str, reason: str, detail: str) -> None:
@@ -127,6 +135,7 @@ def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fa
             if problem:
                 fault(sample.key, "bad_json", problem)
                 continue
+            frames[sample.key] = meta["frames"]
             if decode:
                 try:
                     info = probe(sample.members["mp4"], limits)
@@ -157,7 +166,60 @@ def verify_shard(job: tuple[ShardInfo, str, bool, VideoLimits]) -> tuple[list[Fa
         fault(
             "", "sha256_mismatch", f"manifest {shard.sha256[:12]}..., file {reader.hash.hexdigest()[:12]}..."
         )
+    if index_url and not any(f.reason in ("bad_tar", "unreadable_shard") for f in faults):
+        faults += check_index(shard, url, index_url, frames)
     return faults, count, keys
+
+
+def check_index(shard: ShardInfo, url: str, index_url: str, frames: dict[str, int]) -> list[Fault]:
+    """The index against the manifest and against a scan of the tar's headers (a second read)."""
+    try:
+        index = read_index(index_url)
+    except ShardIndexError as exc:
+        return [Fault(shard.name, "", "bad_index", str(exc))]
+    wrong = [
+        f"{what} {got!r} where the manifest has {want!r}"
+        for what, got, want in (
+            ("it indexes", index.shard, shard.name),
+            ("it gives the tar", index.bytes, shard.bytes),
+            ("it lists samples:", len(index.samples), shard.samples),
+        )
+        if got != want
+    ]
+    if wrong:
+        return [Fault(shard.name, "", "index_mismatch", f"{index_url}: " + "; ".join(wrong))]
+    try:
+        with open_shard(url) as f:
+            scanned = scan_tar(f, frames.items())
+    except Exception as exc:  # noqa: BLE001 - the tar itself is reported by the main pass
+        return [
+            Fault(shard.name, "", "index_mismatch", f"{index_url}: the tar's headers do not scan ({exc})")
+        ]
+    for i, (mine, real) in enumerate(zip(index.samples, scanned, strict=False)):
+        known = real.frames is not None and mine.frames is not None
+        if (mine.key, mine.offset, mine.length) != (real.key, real.offset, real.length) or (
+            known and mine.frames != real.frames
+        ):
+            return [
+                Fault(
+                    shard.name,
+                    real.key,
+                    "index_mismatch",
+                    f"{index_url}: samples[{i}] is {mine.key!r} at [{mine.offset}, {mine.end}) with "
+                    f"{mine.frames} frames; the tar has {real.key!r} at [{real.offset}, {real.end}) with "
+                    f"{real.frames}",
+                )
+            ]
+    if len(scanned) != len(index.samples):
+        return [
+            Fault(
+                shard.name,
+                "",
+                "index_mismatch",
+                f"{index_url}: {len(index.samples)} samples, the tar {len(scanned)}",
+            )
+        ]
+    return []
 
 
 def verify_shards(
@@ -173,7 +235,11 @@ def verify_shards(
             "bytes": 0,
             "faults": 1,
         }
-    jobs = [(s, url, decode, limits) for s, url in zip(manifest.shards, urls, strict=True)]
+    location = manifest_location(shards)
+    jobs = [
+        (s, url, beside_manifest(location, s.index) if s.index else "", decode, limits)
+        for s, url in zip(manifest.shards, urls, strict=True)
+    ]
     if workers > 0:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(verify_shard, jobs)
@@ -199,6 +265,7 @@ def verify_shards(
         "samples": sum(r[1] for r in results),
         "bytes": manifest.total_bytes,
         "faults": len(faults),
+        "unindexed": sum(1 for s in manifest.shards if not s.index),
     }
     return faults, summary
 
@@ -220,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for f in faults:
         print(f"FAULT {f}")
+    if summary.get("unindexed"):
+        print(
+            f"note: {summary['unindexed']} of {summary['shards']} shards have no per-sample index; "
+            f"the loader reads them from their start (tools/index_shards.py {args.shards} --out DIR adds one)"
+        )
     reasons = Counter(f.reason for f in faults)
     verdict = "OK"
     if faults:

@@ -247,6 +247,13 @@ class Checkpointer:
             raise CheckpointError(f"{mine}: format version {state.get('version')} != {FORMAT_VERSION}")
         return state
 
+    def rank_states(self, tag: str) -> list[dict[str, Any]]:
+        """Every rank's saved state (data position, counters) of checkpoint `tag`, rank order."""
+        path = self.root / tag
+        return [
+            json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(self.info(tag)["world_size"])
+        ]
+
     def _universal(self, tag: str) -> Path:
         """Convert a ZeRO checkpoint to DeepSpeed's universal format (once), for a new world size."""
         out = self.root / "universal"

@@ -92,20 +92,27 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
     if restored is not None:
         tag, state = restored
         start_step = int(engine.global_steps)
-        if "other_world" in state:  # another world size: the stream restarts at an epoch boundary
-            old = [s["loader"] for s in state["other_world"]]
-            carried_faults = [s.get("stats", {}) for s in old]
-            carried_skips = max(int(s.get("skipped_steps", 0)) for s in state["other_world"])
+        if "other_world" in state or not loader.fits(state["loader"]):  # other ranks, workers or buffer
+            rank_states = state.get("other_world") or source.rank_states(tag)
+            old = [s["loader"] for s in rank_states]
+            carried_faults = [s.get("stats", {}) for s in old]  # the loader starts its counts afresh
+            carried_skips = max(int(s.get("skipped_steps", 0)) for s in rank_states)
             policy = cfg.checkpoint.reshard_data
-            epoch = loader.load_nearest_safe_point(old, policy=policy)
-            what = {
-                "replay": "what the old run saw of it is replayed, nothing is skipped",
-                "skip": "the unseen rest of earlier epochs is skipped, nothing is repeated",
-            }[policy]
-            replay_note = (
-                f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
-                f"{epoch} (checkpoint.reshard_data={policy}: {what})"
-            )
+            if policy == "exact":  # the unfinished epochs continue on the new streams, every sample once
+                loader.load_elastic(old)
+                before, now = old[0].get("workers"), loader.spec.workers
+                workers = f"; {before} -> {now} workers per rank" if before != now else ""
+                replay_note = f"data stream continues exactly ({len(old)} -> {world_size} ranks{workers})"
+            else:
+                epoch = loader.load_nearest_safe_point(old, policy=policy)
+                what = {
+                    "replay": "what the old run saw of it is replayed, nothing is skipped",
+                    "skip": "the unseen rest of earlier epochs is skipped, nothing is repeated",
+                }[policy]
+                replay_note = (
+                    f"world size {len(old)} -> {world_size}: data stream restarts at the start of epoch "
+                    f"{epoch} (checkpoint.reshard_data={policy}: {what})"
+                )
         else:
             loader.load_state_dict(state["loader"])
             replay_note = "data stream continues exactly"

@@ -1,0 +1,208 @@
+"""Reading the samples a stream wants from one shard: one `RawSample` per wanted sample, in tar order.
+
+Exactly one item per wanted sample, whatever happens (a sample, or a fault standing for it), so the
+order in which a stream's items leave it depends on the plan alone, never on the data
+(plan.py recomputes it on resume). Two ways to read:
+
+- *ranges*: the shard has a per-sample index (index.py) and its source can seek (source.py):
+  each run of consecutive wanted samples is one byte range, [span(k0).offset, span(k1-1).end).
+  Each sample's key is checked against the index; a stale or unreadable index falls back to
+- *from the start*: the tar is read from its first byte and the samples before the wanted ones
+  are skipped (read, not kept); reading stops after the last wanted one. Shards without an index,
+  `pipe:` sources, and shards a stream wants whole (no index needed) go this way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mae_scale.data.index import ShardIndex, ShardIndexError, read_index
+from mae_scale.data.plan import runs
+from mae_scale.data.shards import RawSample, iter_tar
+from mae_scale.data.source import can_seek, open_range, open_stream
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    url: str
+    name: str
+    samples: int  # from the manifest: lets a truncated or missing shard count its lost samples
+    index: str = ""  # URL of its per-sample index, "" if none
+    bytes: int = 0  # the tar's size from the manifest
+
+
+@dataclass
+class ReadCounts:
+    """What reading cost; travels with each batch like the other stream stats."""
+
+    bytes: int = 0  # shard bytes the sources returned
+    index_bytes: int = 0  # index bytes
+    opens: int = 0  # runs opened (a file open + seek, or a range read), shards read from the start
+    notes: Counter = field(default_factory=Counter)  # usable but notable: bad_index
+    examples: dict = field(default_factory=dict)
+
+    def note(self, reason: str, detail: str) -> None:
+        self.notes[reason] += 1
+        self.examples.setdefault(reason, detail[:300])
+
+    def pop(self) -> dict:
+        out = {"bytes_read": self.bytes, "index_bytes_read": self.index_bytes, "opens": self.opens}
+        self.bytes = self.index_bytes = self.opens = 0
+        return out
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+
+    def add_index_bytes(self, n: int) -> None:
+        self.index_bytes += n
+
+
+class ShardReader:
+    """Reads wanted samples of shards; keeps the last few indices it loaded (one stream's worth)."""
+
+    def __init__(self, counts: ReadCounts, max_member_bytes: int, cached_indices: int = 8):
+        self.counts, self.max_member_bytes = counts, max_member_bytes
+        self._indices: OrderedDict[str, tuple[ShardIndex | None, set[int]]] = OrderedDict()
+        self._cached = cached_indices
+
+    def read(self, ref: ShardRef, wanted: np.ndarray) -> Iterator[RawSample]:
+        """One RawSample per entry of `wanted` (sorted sample indices of `ref`), in that order."""
+        n = len(wanted)
+        if n == 0:
+            return
+        whole = n == ref.samples and int(wanted[-1]) == n - 1
+        if whole or not ref.index or not can_seek(ref.url):
+            yield from self._from_start(ref, wanted)
+            return
+        index, duplicates = self._index(ref)
+        if index is None:
+            yield from self._from_start(ref, wanted)
+            return
+        spans = index.samples
+        for k0, k1 in runs(wanted):
+            k, lost, stale = k0, None, False
+            try:
+                f = open_range(ref.url, spans[k0].offset, spans[k1 - 1].end, self.counts.add_bytes)
+            except Exception as exc:  # noqa: BLE001 - any failure to open is a fault, named
+                lost = ("unreadable_shard", f"{ref.url}: {exc}")
+            else:
+                self.counts.opens += 1
+                try:
+                    for sample in iter_tar(f, self.max_member_bytes):
+                        if sample.fault == "bad_tar":
+                            lost = ("bad_tar", f"{ref.url}: {sample.detail}")
+                            break
+                        if k >= k1 or sample.key != spans[k].key:
+                            stale = True
+                            break
+                        if k in duplicates:
+                            sample = RawSample(
+                                sample.key,
+                                fault="duplicate_key",
+                                detail=f"key {sample.key!r} appears twice in the shard",
+                            )
+                        yield sample
+                        k += 1
+                except Exception as exc:  # noqa: BLE001 - e.g. a connection that drops mid-run
+                    lost = ("bad_tar", f"{ref.url}: {type(exc).__name__}: {exc}")
+                finally:
+                    _close_quietly(f)
+            if stale:
+                self.counts.note(
+                    "bad_index",
+                    f"{ref.index}: sample {k} of {ref.name} is not {spans[k].key!r}"
+                    if k < k1
+                    else f"{ref.index}: run [{k0}, {k1}) holds more samples",
+                )
+                self._indices[ref.index] = (None, set())
+                yield from self._from_start(ref, wanted[wanted >= k])
+                return
+            if lost is None and k < k1:
+                lost = ("bad_tar", f"{ref.url}: bytes of samples [{k0}, {k1}) ended after {k - k0}")
+            for i in range(k, k1):
+                yield RawSample(spans[i].key, fault=lost[0], detail=lost[1])
+
+    def _from_start(self, ref: ShardRef, wanted: np.ndarray) -> Iterator[RawSample]:
+        j, seen, lost, done = 0, 0, None, False
+        try:
+            f = open_stream(ref.url, self.counts.add_bytes)
+        except Exception as exc:  # noqa: BLE001 - any failure to open is a fault, named
+            lost = ("unreadable_shard", f"{ref.url}: {exc}")
+        else:
+            self.counts.opens += 1
+            try:
+                for i, sample in enumerate(iter_tar(f, self.max_member_bytes)):
+                    if sample.fault == "bad_tar":
+                        lost = ("bad_tar", f"{ref.url}: {sample.detail}")
+                        break
+                    seen = i + 1
+                    if j == len(wanted):  # read whole: a sample the manifest does not count
+                        self.counts.note(
+                            "extra_samples",
+                            f"{ref.url}: holds more than the manifest's "
+                            f"{ref.samples} samples (they are never read; verify_shards)",
+                        )
+                        break
+                    if i == wanted[j]:
+                        yield sample
+                        j += 1
+                        if j == len(wanted) and int(wanted[-1]) != ref.samples - 1:
+                            done = True  # stop reading: the rest of the shard is other streams'
+                            break
+                done = done or j == len(wanted)
+            except Exception as exc:  # noqa: BLE001 - e.g. a stream that fails mid-read
+                lost = ("bad_tar", f"{ref.url}: {type(exc).__name__}: {exc}")
+            finally:
+                error = _close_quietly(f)
+            if error and not done and lost is None:  # e.g. a pipe: command that failed
+                lost = ("unreadable_shard", f"{ref.url}: {error}")
+        if j < len(wanted):
+            lost = lost or ("bad_tar", f"{ref.url}: ended after {seen} of {ref.samples} samples")
+            for _ in range(j, len(wanted)):
+                yield RawSample("", fault=lost[0], detail=lost[1])
+
+    def _index(self, ref: ShardRef) -> tuple[ShardIndex | None, set[int]]:
+        """The shard's index (None if it is unusable: noted as bad_index) and its repeated keys."""
+        if ref.index in self._indices:
+            self._indices.move_to_end(ref.index)
+            return self._indices[ref.index]
+        try:
+            index = read_index(ref.index, lambda url: open_stream(url, self.counts.add_index_bytes))
+            problems = [
+                f"{what} {got} (manifest: {want})"
+                for what, got, want in (
+                    ("it indexes", index.shard, ref.name),
+                    ("a tar of", index.bytes, ref.bytes or index.bytes),
+                    ("samples", len(index.samples), ref.samples),
+                )
+                if got != want
+            ]
+            if problems:
+                raise ShardIndexError(f"{ref.index}: does not fit its shard: {'; '.join(problems)}")
+        except ShardIndexError as exc:
+            self.counts.note("bad_index", str(exc))
+            entry: tuple[ShardIndex | None, set[int]] = (None, set())
+        else:
+            seen: set[str] = set()
+            duplicates = set()
+            for k, span in enumerate(index.samples):
+                if span.key in seen:
+                    duplicates.add(k)
+                seen.add(span.key)
+            entry = (index, duplicates)
+        self._indices[ref.index] = entry
+        while len(self._indices) > self._cached:
+            self._indices.popitem(last=False)
+        return entry
+
+
+def _close_quietly(f) -> str:
+    try:
+        f.close()
+    except Exception as exc:  # noqa: BLE001 - reported by the caller when it matters
+        return str(exc)
+    return ""

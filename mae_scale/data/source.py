@@ -1,0 +1,177 @@
+"""Where shard bytes come from: local paths, fsspec URLs, and `pipe:` commands.
+
+- A path (or `file:` URL; NFS and Lustre mounts are paths): `open`, one seek per run of samples.
+- A URL whose fsspec backend is installed (`http(s)://` with aiohttp, `s3://` with s3fs, ...):
+  byte ranges with `cat_file(path, start, end)`, at most `RANGE_CHUNK` bytes per request, so a run
+  of samples costs ceil(bytes / RANGE_CHUNK) requests (one for most runs) and bounded memory.
+  http(s) requests time out (`HTTP_TIMEOUT_S`): a server that stalls is a fault, never a hang.
+- `pipe:` commands, and URLs without an fsspec backend: webdataset's `gopen`, read from the start.
+
+Every reader can count the bytes it hands to its consumer, the tar parser (`on_bytes`): that is how
+the loader measures what an epoch reads. A reader fetches at most one chunk ahead of that (256 KiB
+from a file, `RANGE_CHUNK` from a URL, never past the end of a range). A failed read raises
+`OSError` naming the URL and the byte range.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable
+from typing import IO
+
+LOCAL_CHUNK = 256 << 10  # bytes per read() of a file (or a pipe / whole-file stream)
+RANGE_CHUNK = 32 << 20  # bytes per range request: bounds a reader's memory, not its request count much
+HTTP_TIMEOUT_S = {"sock_connect": 30.0, "sock_read": 60.0}  # no total limit: a run may take minutes
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file:"):
+        return url.removeprefix("file://").removeprefix("file:")
+    return None if "://" in url or is_pipe(url) else url
+
+
+@functools.lru_cache(maxsize=32)
+def _fsspec_ok(protocol: str) -> bool:
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(protocol)
+        if protocol in ("http", "https"):
+            import aiohttp  # noqa: F401 - HTTPFileSystem imports it only when first used
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def can_seek(url: str) -> bool:
+    """A path, or a URL whose fsspec backend is installed: runs of samples can start mid-shard."""
+    if _local_path(url) is not None:
+        return True
+    return not is_pipe(url) and _fsspec_ok(url.split("://", 1)[0])
+
+
+def _storage_options(protocol: str) -> dict:
+    if protocol not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUT_S)}}
+
+
+def _filesystem(url: str):
+    """(fsspec filesystem, path inside it) for a URL; instances are cached by fsspec (per process)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    return fsspec.core.url_to_fs(url, **_storage_options(protocol))
+
+
+class _Chunks(io.RawIOBase):
+    """A stream of bytes [start, end) (end None: until the source ends) pulled with `fetch(a, b)`, at
+    most `chunk` bytes at a time; `on_bytes` hears how many bytes each read hands out."""
+
+    def __init__(
+        self,
+        fetch: Callable[[int, int], bytes],
+        start: int,
+        end: int | None,
+        chunk: int,
+        on_bytes: Callable[[int], None] | None,
+        close: Callable[[], None] = lambda: None,
+    ):
+        super().__init__()
+        self._fetch, self._pos, self._end, self._chunk = fetch, start, end, chunk
+        self._on_bytes, self._close = on_bytes, close
+        self._buf, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._at >= len(self._buf):
+            if self._end is not None and self._pos >= self._end:
+                return 0
+            stop = self._pos + self._chunk if self._end is None else min(self._pos + self._chunk, self._end)
+            self._buf, self._at = self._fetch(self._pos, stop), 0
+            if not self._buf:
+                return 0
+            self._pos += len(self._buf)
+        n = min(len(b), len(self._buf) - self._at)
+        b[:n] = self._buf[self._at : self._at + n]
+        self._at += n
+        if self._on_bytes is not None:
+            self._on_bytes(n)
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._close()
+            finally:
+                super().close()
+
+
+def open_range(url: str, start: int, end: int, on_bytes: Callable[[int], None] | None = None) -> IO[bytes]:
+    """Bytes [start, end) of a seekable source (`can_seek`), as a stream; reading past `end` gives EOF."""
+    path = _local_path(url)
+    if path is not None:
+        f = open(path, "rb")
+        f.seek(start)
+
+        def read_file(a: int, b: int) -> bytes:
+            data = f.read(b - a)
+            if len(data) < b - a:
+                raise OSError(f"{url}: ends before byte {b} (read [{a}, {a + len(data)}))")
+            return data
+
+        return _Chunks(read_file, start, end, LOCAL_CHUNK, on_bytes, f.close)
+    fs, fs_path = _filesystem(url)
+
+    def read_remote(a: int, b: int) -> bytes:
+        try:
+            data = fs.cat_file(fs_path, start=a, end=b)
+        except Exception as exc:  # noqa: BLE001 - aiohttp's and other backends' errors, named
+            raise OSError(f"{url} bytes [{a}, {b}): {type(exc).__name__}: {exc}") from exc
+        if len(data) != b - a:  # e.g. a server that ignores Range and sends the whole file
+            raise OSError(
+                f"{url} bytes [{a}, {b}): got {len(data)} bytes (does the server do range requests?)"
+            )
+        return data
+
+    return _Chunks(read_remote, start, end, RANGE_CHUNK, on_bytes)
+
+
+def open_stream(url: str, on_bytes: Callable[[int], None] | None = None) -> IO[bytes]:
+    """The whole source from its start, for any location (`pipe:` included)."""
+    path = _local_path(url)
+    if path is not None:
+        f = open(path, "rb")
+    elif can_seek(url):
+        fs, fs_path = _filesystem(url)
+        try:
+            f = fs.open(fs_path, "rb", block_size=RANGE_CHUNK)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - named, as open() would
+            raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    else:
+        import webdataset as wds
+
+        f = wds.gopen(url, "rb")
+    if on_bytes is None:
+        return f
+
+    def read_stream(a: int, b: int) -> bytes:
+        try:
+            return f.read(b - a)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise OSError(f"{url} after byte {a}: {type(exc).__name__}: {exc}") from exc
+
+    return _Chunks(read_stream, 0, None, LOCAL_CHUNK, on_bytes, f.close)
