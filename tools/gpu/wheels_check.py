@@ -178,8 +178,10 @@ def tree_bytes() -> int:
     return total
 
 
-def verify(whl: Path, pins: list[Pin], image: Image, xformers: bool) -> tuple[list[str], list[dict]]:
-    """Faults (empty: fine) and the table of carried wheels."""
+def verify(
+    whl: Path, pins: list[Pin], image: Image, xformers: bool, needs: list[Requirement] | None = None
+) -> tuple[list[str], list[dict]]:
+    """Faults (empty: fine) and the table of carried wheels; `needs`: setup.cfg's install_requires."""
     faults: list[str] = []
     want = {p.name: p for p in selected(pins, xformers)}
     groups = {"main": sorted(whl.glob("*.whl")), "fallback": sorted((whl / "fallback").glob("*.whl"))}
@@ -237,7 +239,7 @@ def verify(whl: Path, pins: list[Pin], image: Image, xformers: bool) -> tuple[li
                 }
             )
     skipped = {p.name for p in pins if p.how == "skip"}
-    for req in setup_requires():
+    for req in setup_requires() if needs is None else needs:
         name = canonicalize_name(req.name)
         if name in skipped or not active(req):
             continue
