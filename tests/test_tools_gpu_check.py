@@ -178,7 +178,7 @@ def test_dry_run_writes_every_part_with_results_or_a_reason(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=480,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["check.log", "gpu_check.json", "profile_vit_l.txt"]
