@@ -469,6 +469,7 @@ def test_forcing_xformers_fails_clearly_on_cpu():
             tiny(attention="xformers")(clips())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs a CUDA device")
 @pytest.mark.skipif(not attn_mod.xformers_available(), reason="xformers is not installed")
 @pytest.mark.parametrize("dual", DUAL, ids=DUAL_IDS)

@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=12, help="whole epochs timed per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rates (clips/s) here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.short_side or args.native:
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
         shards = args.shards or str(ensure_demo_shards())
     samples = load_samples(shards)
     results = {}
+    rows = {}  # for --json: every measured row, rates in clips/s
     for span in args.repeat_span:
         for repeats in args.repeats:
             if repeats == 1 and (span, 1) != (args.repeat_span[0], 1):
@@ -153,6 +155,14 @@ def main(argv=None) -> int:
                 host_rates.append(clips / (decode_s + augment_s))
             raw, pipe, host = max(raw_rates), max(pipe_rates), max(host_rates)
             results[span, repeats] = (raw, pipe)
+            rows[f"span={span} R={repeats}"] = {
+                "span": span,
+                "repeats": repeats,
+                "pipeline_clips_per_s": round(pipe, 2),
+                "raw_decode_clips_per_s": round(raw, 2),
+                "decode_augment_clips_per_s": round(host, 2),
+                "rounds": {"pipeline": pipe_rates, "raw": raw_rates, "decode_augment": host_rates},
+            }
             print(
                 f"span={span} R={repeats}: pipeline {pipe:7.1f} clips/s (1 worker process) | raw decode "
                 f"{raw:7.1f} clips/s (1 thread) | pipeline / raw decode = {pipe / raw:.2f} | decode + "
@@ -161,6 +171,12 @@ def main(argv=None) -> int:
                 f"{[round(r, 1) for r in raw_rates]} decode+augment {[round(r, 1) for r in host_rates]}"
             )
     print(f"videos: {len(samples)} from {shards}; T={args.frames}, stride {args.stride}, {args.size} px")
+    if args.json:
+        import json
+
+        setting = {"shards": shards, "videos": len(samples), "frames": args.frames, "stride": args.stride}
+        setting.update(size=args.size, epochs=args.epochs, rounds=args.rounds, workers=1, threads=1)
+        Path(args.json).write_text(json.dumps({"setting": setting, "rows": rows}, indent=1))
     default_span = DataConfig().repeat_span
     if (args.repeat_span[0], 1) in results:
         files = results[args.repeat_span[0], 1][0]  # the R=1 raw decode: one clip per decoded window
