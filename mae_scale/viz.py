@@ -228,9 +228,10 @@ def save_training_reconstruction(
     cfg, built, clips_uint8: torch.Tensor, keys: list[str], step: int, *, rank: int, path: Path | None = None
 ) -> Path | None:
     """Every rank runs the forward (ZeRO-3 gathers collectively), rank 0 writes `path`."""
-    from mae_scale.train.loop import normalize_clips
+    from mae_scale.train.batch import normalize_clips
+    from mae_scale.train.engine import PRECISION_DTYPES
 
-    dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
+    dtype = PRECISION_DTYPES[built.precision]
     imgs = normalize_clips(clips_uint8[:4], cfg.data.mean, cfg.data.std, dtype)
     picture = reconstruction_picture(built.engine.module, imgs, cfg, keys=keys, step=step, seed=cfg.seed)
     if rank != 0:

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, run, step_losses, torchrun
 from PIL import Image
 
@@ -385,3 +386,17 @@ def test_slow_data_source_is_reported(tmp_path, demo_shards):
     waits = [m["data_wait_frac"] for m in metrics(run) if "loss" in m]
     assert len(waits) == 3 and min(waits[1:]) > 0.5, waits
     assert "of the time waiting for data; the loader is the bottleneck (raise data.workers=1" in proc.stderr
+
+
+def test_clips_are_normalized_per_channel_on_the_device():
+    """The one host-to-device path (trainer, pictures, tools): uint8 in, (x / 255 - mean) / std out."""
+    from mae_scale.train.batch import normalize_clips
+
+    clips = torch.randint(0, 256, (2, 3, 4, 8, 8), dtype=torch.uint8)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)
+    out = normalize_clips(clips, mean, std, torch.float32)
+    for c in range(3):
+        want = (clips[:, c].double() / 255 - mean[c]) / std[c]
+        assert torch.allclose(out[:, c].double(), want, atol=1e-6)
+    assert normalize_clips(clips, mean, std, torch.bfloat16).dtype == torch.bfloat16
+    assert clips.dtype == torch.uint8  # the loader's batch is left as it was (it is reused)

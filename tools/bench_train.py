@@ -147,8 +147,8 @@ def bench_baseline(cfg, args, clips: torch.Tensor, dtype: torch.dtype) -> tuple[
     from mae_scale.model.checkpointing import apply_activation_checkpointing
     from mae_scale.model.mae import MaskedAutoencoderViT
     from mae_scale.train import dist as D
+    from mae_scale.train.batch import normalize_clips
     from mae_scale.train.engine import model_kwargs, param_groups
-    from mae_scale.train.loop import normalize_clips
     from mae_scale.train.metrics import peak_memory_gb
 
     d = cfg.data
@@ -195,8 +195,8 @@ def _free_device_memory() -> None:
 
 def bench_deepspeed(cfg, args, world: int, clips: torch.Tensor, flops: float):
     """The real training step through DeepSpeed; the engine is freed on return."""
+    from mae_scale.train.batch import normalize_clips
     from mae_scale.train.engine import build_engine
-    from mae_scale.train.loop import normalize_clips
     from mae_scale.train.metrics import device_peak_tflops, peak_memory_gb
 
     _free_device_memory()

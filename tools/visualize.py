@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     from mae_scale.data.loader import build_loader
     from mae_scale.model.convert import load_state_dict_strict
     from mae_scale.model.mae import MaskedAutoencoderViT
+    from mae_scale.train.batch import normalize_clips
     from mae_scale.train.engine import model_kwargs
-    from mae_scale.train.loop import normalize_clips
     from mae_scale.viz import reconstruction_picture, save_png
 
     path = Path(args.path)

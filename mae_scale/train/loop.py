@@ -16,8 +16,9 @@ from mae_scale import hardware
 from mae_scale.config import Config
 from mae_scale.model.checkpointing import checkpointed_blocks
 from mae_scale.train import dist as D
+from mae_scale.train.batch import normalize_clips
 from mae_scale.train.checkpoint import Checkpointer, resume_source, set_rng_state
-from mae_scale.train.engine import Built, clips_per_micro_step, model_kwargs
+from mae_scale.train.engine import PRECISION_DTYPES, Built, clips_per_micro_step, model_kwargs
 from mae_scale.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from mae_scale.train.summary import FaultTally, closing_summary, fault_stats, format_summary, write_summary
 
@@ -57,14 +58,6 @@ class StopSignal:
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def normalize_clips(clips: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, C, T, H, W) -> normalized `dtype` on the accelerator (4x less host-to-device traffic)."""
-    x = clips.to(D.device(), non_blocking=True).float().div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1, 1)
-    return ((x - m) / s).to(dtype)
 
 
 def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resume: str | None) -> dict:
@@ -116,7 +109,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         else:
             loader.load_state_dict(state["loader"])
             replay_note = "data stream continues exactly"
-    dtype = torch.bfloat16 if built.precision == "bf16" else torch.float32
+    dtype = PRECISION_DTYPES[built.precision]
     peak, peak_source = device_peak_tflops(built.precision, cfg.log.peak_tflops)
     flops_per_clip = train_step_flops(model_kwargs(cfg), batch_size=1, mask_ratio=cfg.model.mask_ratio)
     metrics = MetricsLogger(

@@ -12,9 +12,9 @@ import torch
 from mae_scale.config import Config
 from mae_scale.export import export_run, load_exported
 from mae_scale.train import dist as D
+from mae_scale.train.batch import normalize_clips
 from mae_scale.train.checkpoint import Checkpointer
 from mae_scale.train.engine import build_engine
-from mae_scale.train.loop import normalize_clips
 
 run = Path(sys.argv[1]) / "run"
 cfg = Config.load("demo", [f"run.dir={run}", "train.precision=fp32", "train.steps=2"])

@@ -15,8 +15,8 @@ from deepspeed.accelerator import get_accelerator
 
 from mae_scale.config import Config
 from mae_scale.train import dist as D
+from mae_scale.train.batch import normalize_clips
 from mae_scale.train.engine import PRECISION_DTYPES, build_engine
-from mae_scale.train.loop import normalize_clips
 
 
 def master_dtypes(optimizer) -> list[str]:
