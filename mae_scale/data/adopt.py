@@ -23,7 +23,6 @@ a resumed run with other shards or options, exactly as make_shards does.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from mae_scale.data.decode import BadVideo, VideoLimits, probe
 from mae_scale.data.engines import ENGINES, EngineError, require_ray, video_runner
@@ -72,6 +71,7 @@ from mae_scale.data.shard_plan import (
 from mae_scale.data.shards import (
     MANIFEST_NAME,
     MAX_MEMBER_BYTES,
+    HashingReader,
     Manifest,
     ShardInfo,
     is_url,
@@ -142,19 +142,6 @@ class IndexTask:
     video_fn: str = DEFAULT_PROBE_FN
 
 
-class _Hashing:
-    """Reads through to `f`, hashing and counting every byte."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.hash.update(b)
-        self.size += len(b)
-        return b
-
-
 @dataclass
 class _Sample:
     key: str
@@ -223,7 +210,7 @@ def index_shard(task: IndexTask) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - reported as the shard's reject
         bad = ("unreadable_shard", f"{task.location}: {exc}")
     else:
-        reader = _Hashing(stream)
+        reader = HashingReader(stream)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 current: _Sample | None = None

@@ -21,6 +21,7 @@ noted (`bad_index`) and the shard read from its start instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 from collections.abc import Iterable
@@ -58,6 +59,10 @@ class ShardIndex:
     shard: str  # the tar's name
     bytes: int  # the tar's size
     samples: tuple[SampleSpan, ...]
+
+    @functools.cached_property
+    def frames_by_key(self) -> dict[str, int | None]:
+        return {s.key: s.frames for s in self.samples}
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -165,6 +165,12 @@ class ShardReader:
             for _ in range(j, len(wanted)):
                 yield RawSample("", fault=lost[0], detail=lost[1])
 
+    def frames(self, ref: ShardRef, key: str) -> int | None:
+        """The frame count `ref`'s index holds for `key` (adopted shards: their json may have none);
+        None without a usable index. The index is the one cached for range reads, read once."""
+        index = self._index(ref)[0] if ref.index else None
+        return None if index is None else index.frames_by_key.get(key)
+
     def _index(self, ref: ShardRef) -> tuple[ShardIndex | None, set[int]]:
         """The shard's index (None if it is unusable: noted as bad_index) and its repeated keys."""
         if ref.index in self._indices:

@@ -240,6 +240,24 @@ class _HashingWriter(io.RawIOBase):
         return self.f.write(b)
 
 
+class HashingReader:
+    """Reads through to `f` while hashing, so a shard is read once for both its sha256 and its content
+    (verify_shards, index_shards)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.hash.update(b)
+        self.size += len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
 class ShardWriter:
     """One shard: members go to `NAME.tar.tmp`; `close()` fsyncs and renames it to `NAME.tar`, after
     writing its per-sample index to `NAME.tar.idx.json` (index.py).

@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, RGBConverter, VideoLimits, decode_frames
-from mae_scale.data.index import ShardIndexError, read_index
 from mae_scale.data.plan import FRESH, Layout, StreamOrder, fresh_bounds, shard_order, stable_seed
 from mae_scale.data.reader import ReadCounts, ShardReader, ShardRef
 from mae_scale.data.shards import MAX_MEMBER_BYTES, VIDEO_MEMBERS, RawSample, video_member
@@ -246,7 +245,7 @@ class ClipStream(IterableDataset):
                 consumed += 1
                 since += 1
                 out = batch[filled * clip.repeats : (filled + 1) * clip.repeats]
-                label = self._clips(item, epoch, stats, to_rgb, out)
+                label = self._clips(item, epoch, stats, to_rgb, out, reader)
                 if label is BAD:
                     if filled == 0 and since >= HEARTBEAT_ITEMS:
                         yield {
@@ -278,7 +277,15 @@ class ClipStream(IterableDataset):
                     filled, keys, labels, first_epoch, since = 0, [], [], None, 0
             epoch, skip = epoch + 1, 0  # an epoch with no samples for this stream happens (N < S)
 
-    def _clips(self, item: Item, epoch: int, stats: StreamStats, to_rgb: RGBConverter, out: torch.Tensor):
+    def _clips(
+        self,
+        item: Item,
+        epoch: int,
+        stats: StreamStats,
+        to_rgb: RGBConverter,
+        out: torch.Tensor,
+        reader: ShardReader,
+    ):
         """Decode one sample into R clips written to `out` (R, C, T, H, W); its label, or BAD (counted)."""
         raw = item.raw
         if raw.fault:
@@ -292,7 +299,7 @@ class ClipStream(IterableDataset):
             meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
             if not isinstance(meta, dict):
                 raise TypeError(f"expected a JSON object, got {type(meta).__name__}")
-            frames = meta["frames"] if "frames" in meta else self._index_frames(item)
+            frames = meta["frames"] if "frames" in meta else reader.frames(self._ref(item.shard), raw.key)
             if frames is None and "json" not in raw.members:
                 stats.add_bad("missing_member", item, "no .json, and no frame count in the shard's index")
                 return BAD
@@ -319,17 +326,9 @@ class ClipStream(IterableDataset):
         stats.samples += 1
         return meta.get("label")
 
-    def _index_frames(self, item: Item) -> int | None:
-        """The frame count that `item`'s shard index holds for it (None: no index, or none there).
-        Kept for the last few shards: a stream reads its shards one after the other."""
-        cache = self.__dict__.setdefault("_frames_cache", {})  # shard name -> {key: frames}
-        if item.shard not in cache:
-            ref = next((s for s in self.spec.shards if s.name == item.shard), None)
-            try:
-                index = read_index(ref.index) if ref is not None and ref.index else None
-            except ShardIndexError:
-                index = None  # the sample then has no frame count: counted bad by the caller
-            cache[item.shard] = {} if index is None else {s.key: s.frames for s in index.samples}
-            while len(cache) > 4:
-                del cache[next(iter(cache))]
-        return cache[item.shard].get(item.raw.key)
+    def _ref(self, name: str) -> ShardRef:
+        """The shard named `name` (a dict built once per stream: manifests can list 100,000 shards)."""
+        refs = self.__dict__.get("_refs")
+        if refs is None:
+            refs = self.__dict__["_refs"] = {ref.name: ref for ref in self.spec.shards}
+        return refs[name]

@@ -12,7 +12,6 @@ tools' shards); the summary counts them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import sys
@@ -21,12 +20,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from mae_scale.data.decode import DEFAULT_LIMITS, BadVideo, VideoLimits, probe
 from mae_scale.data.index import ShardIndexError, read_index, scan_tar
 from mae_scale.data.shards import (
     MEMBERS,
+    HashingReader,
     ManifestError,
     ShardInfo,
     beside_manifest,
@@ -59,23 +58,6 @@ class Fault:
         return f"{self.shard} {self.key or '-'}: {self.reason}: {self.detail}"
 
 
-class _HashingReader:
-    """Reads through to `f` while hashing, so a shard is read once for both sha256 and content."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.hash.update(b)
-        self.size += len(b)
-        return b
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 def check_meta(meta: object) -> str | None:
     """What is wrong with a sample's json, or None."""
     if not isinstance(meta, dict):
@@ -106,7 +88,7 @@ def verify_shard(job: tuple[ShardInfo, str, str, bool, VideoLimits]) -> tuple[li
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         fault("", "unreadable_shard", f"{url}: {exc}")
         return faults, count, keys
-    reader = _HashingReader(f)
+    reader = HashingReader(f)
     try:
         for sample in iter_tar(reader):
             count += sample.fault != "bad_tar"
