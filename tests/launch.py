@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -60,6 +61,13 @@ def run(cmd: list[str], *, timeout: float, env: dict | None, check: bool) -> sub
             f"--- stderr\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def script_json(name: str, *args: str, timeout: float = 300) -> Any:
+    """Run tests/scripts/NAME in one process (CPU env); the JSON of the last line it printed."""
+    script = REPO / "tests" / "scripts" / name
+    proc = run([sys.executable, str(script), *args], timeout=timeout, env=None, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, cpu_env
+from launch import REPO, cpu_env, script_json
 
 from mae_scale import hardware
 from mae_scale.config import Config, ConfigError
@@ -114,17 +114,7 @@ def test_engine_dtypes_follow_the_run_precision_whatever_deepspeed_is_told():
     """zero.Init ignored the dtype we passed on an accelerator without fp16 and built bf16 parameters
     for fp32 runs (the AMD crash in conv3d). Every case: parameters, ZeRO partitions and input in the
     run's dtype, the optimizer's master copy and the loss in fp32, and no shm_comm op built."""
-    script = REPO / "tests" / "scripts" / "precision_matrix.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(ENGINE_CASES)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = script_json("precision_matrix.py", json.dumps(ENGINE_CASES), timeout=600)
     results = out["cases"]
     assert len(results) == len(ENGINE_CASES)
     for case in results:

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import torch
-from launch import REPO, cpu_env, metrics, pretrain, step_losses, torchrun, torchrun_cmd
+from launch import REPO, cpu_env, metrics, pretrain, script_json, step_losses, torchrun, torchrun_cmd
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -414,17 +414,7 @@ def test_resume_one_rank_on_two_over_shards_without_an_index(tmp_path, demo_shar
 
 def test_export_round_trip(tmp_path, demo_shards):
     """The exported model's loss on a fixed batch equals the live (DeepSpeed) model's."""
-    script = REPO / "tests" / "scripts" / "export_round_trip.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = script_json("export_round_trip.py", str(tmp_path))
     assert result["live_loss"] == result["exported_loss"]
     assert result["encoder_keys"] > 0 and result["decoder_keys_in_encoder_file"] == 0
 

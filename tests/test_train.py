@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, run, step_losses, torchrun
+from launch import BIN, REPO, cpu_env, free_port, metrics, pretrain, run, script_json, step_losses, torchrun
 from PIL import Image
 
 from mae_scale.model.presets import ARCHS
@@ -287,12 +287,7 @@ def test_non_finite_losses_are_skipped_counted_then_stop_the_run(tmp_path, demo_
 def test_zero3_init_gives_the_same_weights_as_a_plain_build(tmp_path):
     """DeepSpeed #2650: under zero.Init a model-level init sees empty partitions and silently does
     nothing. We init one gathered module at a time: the weights equal a plain build's, bit for bit."""
-    script = REPO / "tests" / "scripts" / "zero3_init.py"
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = script_json("zero3_init.py")
     assert result["partitioned"] and result["mismatched"] == [] and result["tensors"] > 20
     assert result["linear_within_xavier_bound"] and result["biases_zero"] and result["layernorm_ones"]
     assert 0.015 < result["pos_embed_std"] < 0.025
