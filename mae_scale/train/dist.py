@@ -92,6 +92,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def gather_object(obj, dst: int = 0) -> list:
+    """Every rank's `obj` on rank `dst` (rank order), [] on the others: what only rank 0 logs needs
+    O(ranks) bytes per call, not the O(ranks^2) of an all-gather."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out or []
+
+
 def shutdown() -> None:
     """Barrier, then destroy the group: avoids gloo's occasional abort at exit (STACK-NOTES)."""
     if dist.is_initialized():

@@ -158,7 +158,7 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
         },
     )
     faults = FaultTally(carried_faults)
-    faults.update(D.all_gather_object(fault_stats(loader.stats())))  # restored counts: named before
+    faults.update(D.gather_object(fault_stats(loader.stats())))  # restored counts: named before
     sample_log = (
         open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1) if cfg.log.sample_keys else None
     )
@@ -235,7 +235,8 @@ def train(cfg: Config, built: Built, loader, *, rank: int, world_size: int, resu
             step = int(engine.global_steps)
             metrics.advance()
             if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-                for line in faults.update(D.all_gather_object(fault_stats(loader.stats()))):
+                # the tally feeds what rank 0 logs: the other ranks' counts go to rank 0 alone
+                for line in faults.update(D.gather_object(fault_stats(loader.stats()))):
                     metrics.info(line)
                 summary = window.summary(engine, world_size, flops_per_clip, peak, skipped_total, faults)
                 metrics.log(step, summary)

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class FaultTally:
-    """Bad samples by reason, summed over every rank's loader since the run's start.
+    """Bad samples by reason, summed over every rank's loader since the run's start (on rank 0,
+    which gathers the counts; the other ranks' tallies hold no counts of this world's loaders).
 
     `carried`: loader stats of the ranks of an earlier world size (their counts do not come back
     through this world's loaders, so they are added here once).
