@@ -201,3 +201,20 @@ def test_a_node_with_other_encoder_versions_refuses_to_build(tmp_path, synthetic
     with pytest.raises(ShardBuildError, match=r"libavcodec '1.2.3' in the plan, '[0-9.]+' here"):
         build_shard(ShardTask(str(tmp_path), "x-000001.tar", 1, ((0, item),), None, VideoLimits(), other))
     assert not (tmp_path / "x-000001.tar").exists()
+
+
+def test_a_shard_build_returns_only_small_metadata(tmp_path, monkeypatch):
+    """What crosses Ray's object store (or the pool's pipe) per shard: counts, hashes and rejects, as
+    plain JSON, never video bytes (Ray Data holding videos in its store: ray #65544, #26441)."""
+    import mae_scale.data.make_shards as builder
+    from mae_scale.data.demo import demo_sources
+
+    results, real = [], builder.build_shard
+    monkeypatch.setattr(builder, "build_shard", lambda task: results.append(real(task)) or results[-1])
+    out = tmp_path / "out"
+    manifest = make_shards(demo_sources(), out, name="t", max_samples_per_shard=2, progress=False)
+    assert len(results) == len(manifest.shards) == 2
+    for result, shard in zip(sorted(results, key=lambda r: r["shard"]), manifest.shards, strict=True):
+        text = json.dumps(result)  # raises on bytes: nothing but plain values
+        assert result["samples"] == 2 and len(text) < 2048, text
+        assert shard.bytes > 100 * len(text)  # the shard's videos stayed where the task wrote them
