@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mae_scale.config import DataConfig
+from mae_scale.data import source
 from mae_scale.data.index import read_index, write_index
 from mae_scale.data.loader import DataStateError, build_loader
 from mae_scale.data.make_shards import make_shards
@@ -35,9 +36,10 @@ def cfg(shards, **kw) -> DataConfig:
 
 
 def read_epoch(
-    shards, ranks: int, workers: int, epoch: int = 0, seed: int = 0
+    shards, ranks: int, workers: int, epoch: int = 0, seed: int = 0, faults: bool = False
 ) -> tuple[list[list[str]], ReadCounts]:
-    """Every stream's keys in `epoch` (tar reads, no decoding) and what the readers fetched for them."""
+    """Every stream's keys in `epoch` (tar reads, no decoding) and what the readers fetched for them;
+    `faults`: a lost sample's entry is "!reason: detail" (else a fault's key, often "")."""
     counts = ReadCounts()
     streams = []
     for rank in range(ranks):
@@ -47,7 +49,10 @@ def read_epoch(
         stream = ClipStream(loader.spec, [(0, 0)] * max(1, workers))
         reader = ShardReader(counts, loader.spec.max_member_bytes)
         for slot in loader.slots:
-            streams.append([item.raw.key for item in stream.epoch_items(slot, epoch, reader=reader)])
+            items = stream.epoch_items(slot, epoch, reader=reader)
+            streams.append(
+                [f"!{i.raw.fault}: {i.raw.detail}" if faults and i.raw.fault else i.raw.key for i in items]
+            )
     return streams, counts
 
 
@@ -260,9 +265,10 @@ SERVER = Path(__file__).resolve().parent / "scripts" / "http_server.py"
 
 
 @contextlib.contextmanager
-def http_server(root: Path, log: Path, drops: Sequence[str] = ()):
+def http_server(root: Path, log: Path, drops: Sequence[str] = (), stalls: Sequence[str] = ()):
     """A real HTTP server (the standard library's, with byte ranges) on 127.0.0.1, for this block only."""
-    cmd = [sys.executable, str(SERVER), str(root), "--log", str(log)] + [f"--drop={d}" for d in drops]
+    cmd = [sys.executable, str(SERVER), str(root), "--log", str(log)]
+    cmd += [f"--drop={d}" for d in drops] + [f"--stall={d}" for d in stalls]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -276,15 +282,19 @@ def requests(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_http_shards_are_read_in_byte_ranges_each_sample_once(two_shards, tmp_path):
+def test_http_shards_are_read_in_byte_ranges_each_sample_once(two_shards, tmp_path, monkeypatch):
     manifest, _ = read_manifest(two_shards)
     log = tmp_path / "requests.jsonl"
+    for chunk in ("LOCAL_CHUNK", "RANGE_CHUNK"):  # runs of many chunks: still one GET each
+        monkeypatch.setattr(source, chunk, 512)
     with http_server(two_shards, log) as url:
         streams, counts = read_epoch(f"{url}/manifest.json", 4, 1)
         assert sorted(k for s in streams for k in s) == all_keys(two_shards)
         assert (counts.bytes + counts.index_bytes) / manifest.total_bytes <= 1.05
         tar_gets = [r for r in requests(log) if r["method"] == "GET" and r["path"].endswith(".tar")]
-        assert len(tar_gets) == counts.opens == 4  # one range request per run, not one per sample
+        assert counts.bytes / counts.opens > 10 * source.LOCAL_CHUNK
+        assert len(tar_gets) == counts.opens == 4  # one streamed range request per run, whatever its size
+        assert not [r for r in requests(log) if r["method"] == "HEAD"]
         assert all(r["range"] and r["range"].startswith("bytes=") for r in tar_gets)
         starts = {int(r["range"][6:].split("-")[0]) for r in tar_gets}
         assert any(s > 0 for s in starts)  # streams that start mid-shard ask for the middle of the tar
@@ -321,6 +331,41 @@ def test_a_server_dropping_the_connection_mid_shard_is_a_counted_fault(two_shard
     assert victim in stats["examples"]["bad_tar"] and url in stats["examples"]["bad_tar"]
     good = {s.key for s in read_index(str(two_shards / manifest.shards[1].index)).samples}
     assert {b["keys"][0] for b in batches} <= good  # what trains comes from the shard still served
+
+
+def test_a_server_that_stalls_mid_shard_is_a_counted_fault_not_a_hang(two_shards, tmp_path, monkeypatch):
+    """A GET that sends part of a run and then nothing, with the connection held open: the read times
+    out (`source.HTTP_TIMEOUT_S`, shortened here), its samples are counted as faults, and the epoch
+    goes on with the other shard."""
+    manifest, _ = read_manifest(two_shards)
+    victim = manifest.shards[0].name
+    monkeypatch.setattr(source, "HTTP_TIMEOUT_S", {"sock_connect": 5.0, "sock_read": 1.0})
+    with http_server(two_shards, tmp_path / "log.jsonl", stalls=[f"{victim}:3000"]) as url:
+        stream_keys, counts = read_epoch(f"{url}/manifest.json", 1, 1, faults=True)
+    lost = [k for k in stream_keys[0] if k.startswith("!")]
+    assert len(lost) == manifest.shards[0].samples and all("bad_tar" in k for k in lost), stream_keys
+    kept = sorted(k for k in stream_keys[0] if not k.startswith("!"))
+    assert kept == sorted(s.key for s in read_index(str(two_shards / manifest.shards[1].index)).samples)
+    assert any(victim in k and "Timeout" in k for k in lost), lost[:1]
+
+
+def test_a_url_backend_without_streaming_reads_a_run_in_bounded_range_requests(monkeypatch):
+    """Backends other than http (here fsspec's in-memory one) take ranges with `cat_file`, at most
+    RANGE_CHUNK bytes each: ceil(run / chunk) requests and exactly the run's bytes."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    data = bytes(range(256)) * 100  # 25,600 bytes
+    fs.pipe_file("/mae_scale_test/shard.tar", data)
+    calls = []
+    real = type(fs).cat_file
+    monkeypatch.setattr(type(fs), "cat_file", lambda self, *a, **kw: calls.append(kw) or real(self, *a, **kw))
+    monkeypatch.setattr(source, "RANGE_CHUNK", 4096)
+    seen = []
+    with source.open_range("memory://mae_scale_test/shard.tar", 1000, 21000, seen.append) as f:
+        assert f.read() == data[1000:21000]
+    assert len(calls) == math.ceil(20000 / 4096) and sum(seen) == 20000
+    fs.rm("/mae_scale_test", recursive=True)
 
 
 def test_a_same_size_resume_inside_an_elastic_window_is_exact(synthetic_shards):

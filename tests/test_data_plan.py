@@ -155,7 +155,8 @@ def manifest(shards: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("shards", [1000, STREAMS - 1, STREAMS, STREAMS + 1])
 def test_at_scale_an_epoch_reads_the_data_once_in_balanced_contiguous_runs(shards):
     """10M samples of 1 MB for 128 nodes x 8 GPUs x 10 workers: every sample once, counts within one,
-    bytes <= 1.05x the shards', a handful of opens per stream (one per shard it touches)."""
+    bytes <= 1.05x the shards', a handful of runs per stream (one per shard it touches), each one
+    seek in a file or one streamed GET over http (source.py), plus at most 2 index files."""
     counts, sizes = manifest(shards)
     for epoch in (0, 1):
         cost = fresh_read_cost(counts, sizes, seed=0, epoch=epoch, streams=STREAMS, seekable=True)
@@ -167,6 +168,8 @@ def test_at_scale_an_epoch_reads_the_data_once_in_balanced_contiguous_runs(shard
         assert (cost.bytes.sum() + index_bytes) / sizes.sum() <= 1.05
         per_stream = TOTAL / STREAMS / counts.min()  # shards' worth of samples per stream
         assert cost.opens.max() <= math.ceil(per_stream) + 1 and cost.index_reads.max() <= 2
+        http_requests = cost.opens + cost.index_reads  # per stream: a GET per run and per index
+        assert http_requests.max() <= math.ceil(per_stream) + 3
         # without an index (or seeking) a stream reads each of its shards from the start: at most
         # ceil(streams / shards) times the data when shards < streams
         blind = fresh_read_cost(counts, sizes, seed=0, epoch=epoch, streams=STREAMS, seekable=False)

@@ -1,11 +1,11 @@
 """The per-sample index of a shard: where each sample lies in its tar.
 
 With it, a stream reads a contiguous run of samples from the middle of a shard with one seek (a
-file) or one range request (http, any fsspec URL) instead of reading the shard from its start, so
-any number of streams can share any number of shards and the bytes read per epoch stay those of
-the dataset. A sample's span runs from its first member's header (a PAX header included) to the
-end of its last member's padded data; spans of consecutive samples touch, so the bytes of a run
-of samples parse as a tar stream on their own.
+file) or one streamed range request (http; other fsspec URLs: one per 64 MiB) instead of reading
+the shard from its start, so any number of streams can share any number of shards and the bytes
+read per epoch stay those of the dataset. A sample's span runs from its first member's header (a
+PAX header included) to the end of its last member's padded data; spans of consecutive samples
+touch, so the bytes of a run of samples parse as a tar stream on their own.
 
 The index of `NAME.tar` is a small JSON file, `NAME.tar.idx.json` by default, written beside it by
 `ShardWriter` (or by `tools/index_shards.py` for shards other tools made); the manifest names it

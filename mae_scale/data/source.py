@@ -1,16 +1,20 @@
 """Where shard bytes come from: local paths, fsspec URLs, and `pipe:` commands.
 
 - A path (or `file:` URL; NFS and Lustre mounts are paths): `open`, one seek per run of samples.
-- A URL whose fsspec backend is installed (`http(s)://` with aiohttp, `s3://` with s3fs, ...):
-  byte ranges with `cat_file(path, start, end)`, at most `RANGE_CHUNK` bytes per request, so a run
-  of samples costs ceil(bytes / RANGE_CHUNK) requests (one for most runs) and bounded memory.
-  http(s) requests time out (`HTTP_TIMEOUT_S`): a server that stalls is a fault, never a hang.
+- `http(s)://` (fsspec's HTTP filesystem, with aiohttp): one streamed GET per run of samples, with
+  a `Range` header for the run's bytes (`fs.open(..., block_size=0, headers=...)`), so a run costs
+  one request whatever its size, and memory stays one chunk. A server that answers a ranged GET
+  with anything but the range asked for (206 + `Content-Range`) is a named error.
+  Requests time out (`HTTP_TIMEOUT_S`): a server that stalls is a fault, never a hang.
+- Any other URL whose fsspec backend is installed (`s3://` with s3fs, `gs://` with gcsfs, ...):
+  byte ranges with `cat_file(path, start, end)`, at most `RANGE_CHUNK` bytes per request (fsspec
+  has no backend-independent streaming read), so a run costs ceil(bytes / RANGE_CHUNK) requests.
 - `pipe:` commands, and URLs without an fsspec backend: webdataset's `gopen`, read from the start.
 
 Every reader can count the bytes it hands to its consumer, the tar parser (`on_bytes`): that is how
 the loader measures what an epoch reads. A reader fetches at most one chunk ahead of that (256 KiB
-from a file, `RANGE_CHUNK` from a URL, never past the end of a range). A failed read raises
-`OSError` naming the URL and the byte range.
+from a file or a stream, `RANGE_CHUNK` from another backend, never past the end of a range). A
+failed read raises `OSError` naming the URL and the byte range.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from typing import IO
 
 LOCAL_CHUNK = 256 << 10  # bytes per read() of a file (or a pipe / whole-file stream)
-RANGE_CHUNK = 32 << 20  # bytes per range request: bounds a reader's memory, not its request count much
+RANGE_CHUNK = 64 << 20  # bytes per range request of a backend without streaming (not http)
 HTTP_TIMEOUT_S = {"sock_connect": 30.0, "sock_read": 60.0}  # no total limit: a run may take minutes
 
 
@@ -53,6 +57,10 @@ def can_seek(url: str) -> bool:
     if _local_path(url) is not None:
         return True
     return not is_pipe(url) and _fsspec_ok(url.split("://", 1)[0])
+
+
+def is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
 
 
 def _storage_options(protocol: str) -> dict:
@@ -131,19 +139,55 @@ def open_range(url: str, start: int, end: int, on_bytes: Callable[[int], None] |
 
         return _Chunks(read_file, start, end, LOCAL_CHUNK, on_bytes, f.close)
     fs, fs_path = _filesystem(url)
+    if is_http(url):
+        return _http_stream(fs, fs_path, url, start, end, on_bytes)
 
     def read_remote(a: int, b: int) -> bytes:
         try:
             data = fs.cat_file(fs_path, start=a, end=b)
-        except Exception as exc:  # noqa: BLE001 - aiohttp's and other backends' errors, named
+        except Exception as exc:  # noqa: BLE001 - other backends' errors, named
             raise OSError(f"{url} bytes [{a}, {b}): {type(exc).__name__}: {exc}") from exc
-        if len(data) != b - a:  # e.g. a server that ignores Range and sends the whole file
-            raise OSError(
-                f"{url} bytes [{a}, {b}): got {len(data)} bytes (does the server do range requests?)"
-            )
+        if len(data) != b - a:
+            raise OSError(f"{url} bytes [{a}, {b}): got {len(data)} bytes")
         return data
 
     return _Chunks(read_remote, start, end, RANGE_CHUNK, on_bytes)
+
+
+def _http_stream(
+    fs, fs_path: str, url: str, start: int, end: int | None, on_bytes: Callable[[int], None] | None
+) -> IO[bytes]:
+    """Bytes [start, end) (end None: to the end) of an http(s) URL in one streamed GET."""
+    what = f"{url} bytes [{start}, {'end' if end is None else end})"
+    ranged = start > 0 or end is not None
+    headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if ranged else {}
+    try:
+        # block_size=0: fsspec's streaming file (one GET, read as it arrives). `size` only spares
+        # the HEAD request fsspec makes to learn a size that a streaming file never uses.
+        f = fs.open(fs_path, "rb", block_size=0, size=end or 1, headers=headers)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - aiohttp's errors, named
+        raise OSError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    response = f.r
+    got = response.headers.get("Content-Range", "")
+    if ranged and (response.status != 206 or not got.startswith(f"bytes {start}-")):
+        f.close()
+        raise OSError(
+            f"{what}: the server answered {response.status} {got or '(no Content-Range)'} to a range "
+            "request (a server must do byte ranges to be read mid-shard)"
+        )
+
+    def read_http(a: int, b: int) -> bytes:
+        try:
+            data = f.read(b - a)
+        except Exception as exc:  # noqa: BLE001 - a dropped or stalled connection, named
+            raise OSError(f"{url} after byte {a}: {type(exc).__name__}: {exc}") from exc
+        if not data and end is not None and a < end:
+            raise OSError(f"{url}: the response for {what} ended at byte {a}")
+        return data
+
+    return _Chunks(read_http, start, end, LOCAL_CHUNK, on_bytes, f.close)
 
 
 def open_stream(url: str, on_bytes: Callable[[int], None] | None = None) -> IO[bytes]:
@@ -151,6 +195,9 @@ def open_stream(url: str, on_bytes: Callable[[int], None] | None = None) -> IO[b
     path = _local_path(url)
     if path is not None:
         f = open(path, "rb")
+    elif is_http(url) and can_seek(url):
+        fs, fs_path = _filesystem(url)
+        return _http_stream(fs, fs_path, url, 0, None, on_bytes)
     elif can_seek(url):
         fs, fs_path = _filesystem(url)
         try:

@@ -1,12 +1,13 @@
 """`python -m http.server` with byte ranges, a request log and a way to drop connections (tests only).
 
-    python tests/scripts/http_server.py DIR --log requests.jsonl [--drop NAME:BYTES ...]
+    python tests/scripts/http_server.py DIR --log requests.jsonl [--drop NAME:BYTES] [--stall NAME:BYTES]
 
 The standard library's `http.server` (Python 3.11) ignores `Range` headers; this is its handler
 with single-range requests added (206 + Content-Range), as object stores and web servers answer.
 Prints the port it listens on (127.0.0.1, chosen by the OS) as its first line. Every request goes
 to the log as one JSON line. `--drop NAME:BYTES`: a GET of file NAME sends its headers, then
-BYTES bytes of the body, then closes the connection (a server dying mid-shard).
+BYTES bytes of the body, then closes the connection (a server dying mid-shard). `--stall NAME:BYTES`:
+the same, but it keeps the connection open and sends nothing more (a server that hangs mid-shard).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import os
 import re
 import socket
 import sys
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
     log_path = ""
     drops: dict[str, int] = {}
+    stalls: dict[str, int] = {}
 
     def send_head(self):
         path = self.translate_path(self.path)
@@ -56,7 +59,9 @@ class RangeHandler(SimpleHTTPRequestHandler):
         return f
 
     def copyfile(self, source, outputfile):
-        limit = self.drops.get(os.path.basename(self.path))
+        name = os.path.basename(self.path)
+        stall = self.stalls.get(name)
+        limit = self.drops.get(name, stall)
         left = self._left if limit is None else min(self._left, limit)
         while left > 0:
             chunk = source.read(min(left, 1 << 16))
@@ -64,8 +69,10 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 break
             outputfile.write(chunk)
             left -= len(chunk)
-        if limit is not None and limit < self._left:  # die mid-body
+        if limit is not None and limit < self._left:  # die (or hang) mid-body
             outputfile.flush()
+            if stall is not None:
+                time.sleep(3600)  # until the test stops the server
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
 
@@ -82,9 +89,11 @@ def main() -> int:
     p.add_argument("root")
     p.add_argument("--log", default="")
     p.add_argument("--drop", action="append", default=[], help="NAME:BYTES")
+    p.add_argument("--stall", action="append", default=[], help="NAME:BYTES")
     args = p.parse_args()
     RangeHandler.log_path = args.log
     RangeHandler.drops = {name: int(n) for name, n in (d.rsplit(":", 1) for d in args.drop)}
+    RangeHandler.stalls = {name: int(n) for name, n in (d.rsplit(":", 1) for d in args.stall)}
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=args.root))
     print(server.server_address[1], flush=True)
     try:
