@@ -285,14 +285,14 @@ def requests(log: Path) -> list[dict]:
 def test_http_shards_are_read_in_byte_ranges_each_sample_once(two_shards, tmp_path, monkeypatch):
     manifest, _ = read_manifest(two_shards)
     log = tmp_path / "requests.jsonl"
-    for chunk in ("LOCAL_CHUNK", "RANGE_CHUNK"):  # runs of many chunks: still one GET each
+    for chunk in ("HTTP_CHUNK", "RANGE_CHUNK"):  # runs of many chunks: still one GET each
         monkeypatch.setattr(source, chunk, 512)
     with http_server(two_shards, log) as url:
         streams, counts = read_epoch(f"{url}/manifest.json", 4, 1)
         assert sorted(k for s in streams for k in s) == all_keys(two_shards)
         assert (counts.bytes + counts.index_bytes) / manifest.total_bytes <= 1.05
         tar_gets = [r for r in requests(log) if r["method"] == "GET" and r["path"].endswith(".tar")]
-        assert counts.bytes / counts.opens > 10 * source.LOCAL_CHUNK
+        assert counts.bytes / counts.opens > 10 * source.HTTP_CHUNK
         assert len(tar_gets) == counts.opens == 4  # one streamed range request per run, whatever its size
         assert not [r for r in requests(log) if r["method"] == "HEAD"]
         assert all(r["range"] and r["range"].startswith("bytes=") for r in tar_gets)

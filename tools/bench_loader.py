@@ -2,6 +2,7 @@
 
     python tools/bench_loader.py --simulate       # the table: before (today's partition) and after
     python tools/bench_loader.py --throughput     # clips/s: the index path, the path without, today's code
+    python tools/bench_loader.py --http           # MB/s over http: one streamed GET vs 32 MiB ranges
 
 --simulate plans epochs over synthetic manifests (1 MB samples, 10,000 per shard unless the shard
 count says otherwise) with plan.py, the code the loader runs, and computes today's partition (whole
@@ -16,6 +17,11 @@ without an index (read from the shard's start); and today's loader (`--base`, de
 with main)
 extracted with `git archive` and run from a subprocess. Rounds alternate between them; best of
 the rounds is reported, with the bytes the readers returned.
+
+--http serves a 300 MB file of random bytes from tests/scripts/http_server.py (the tests' range
+server) on 127.0.0.1 and reads one 290 MB run of it, alternately with `source.open_range` (one
+streamed GET, read in `--chunk` pieces) and with fsspec `cat_file` range requests of 32 MiB (the
+loader before 2026-12-02); best of the rounds in MB/s and the number of GETs each made.
 """
 
 from __future__ import annotations
@@ -292,18 +298,74 @@ def throughput(base: str, rounds: int, epochs: int) -> None:
         )
 
 
+def http(rounds: int, chunks: list[int]) -> None:
+    from mae_scale.data import source
+
+    size, start, end = 300_000_000, 1000, 290_000_000
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "big.tar"), "wb") as f:
+            f.write(os.urandom(size))
+        server = subprocess.Popen(
+            [sys.executable, str(REPO / "tests/scripts/http_server.py"), tmp, "--log", f"{tmp}/log.jsonl"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{int(server.stdout.readline())}/big.tar"
+
+            def streamed(chunk: int) -> int:
+                source.HTTP_CHUNK, n = chunk, 0
+                with source.open_range(url, start, end) as f:
+                    while block := f.read(1 << 20):
+                        n += len(block)
+                return n
+
+            def ranges() -> int:
+                fs, path = source._filesystem(url)
+                step = 32 << 20
+                return sum(
+                    len(fs.cat_file(path, start=a, end=min(a + step, end))) for a in range(start, end, step)
+                )
+
+            ways = {f"one streamed GET, {c >> 10} KiB reads": lambda c=c: streamed(c) for c in chunks}
+            ways["32 MiB range requests (cat_file)"] = ranges
+            best: dict[str, float] = {}
+            gets: dict[str, int] = {}
+            log = os.path.join(tmp, "log.jsonl")
+            for _ in range(rounds):
+                for name, read in ways.items():
+                    before = sum(1 for _ in open(log)) if os.path.exists(log) else 0
+                    t0 = time.perf_counter()
+                    assert read() == end - start
+                    rate = (end - start) / (time.perf_counter() - t0) / 1e6
+                    best[name] = max(best.get(name, 0.0), rate)
+                    gets[name] = sum(1 for _ in open(log)) - before
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    base = best["32 MiB range requests (cat_file)"]
+    print("| read of one 290 MB run | MB/s (best of rounds) | / 32 MiB ranges | GETs |")
+    print("|---|---|---|---|")
+    for name, rate in best.items():
+        print(f"| {name} | {rate:.0f} | {rate / base:.2f} | {gets[name]} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--simulate", action="store_true")
     p.add_argument("--throughput", action="store_true")
+    p.add_argument("--http", action="store_true")
+    p.add_argument("--chunk", type=int, nargs="+", default=[256 << 10, 1 << 20, 4 << 20], help="--http reads")
     p.add_argument(
         "--base", default="", help="the commit whose loader is today's (default: merge-base with main)"
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=40, help="batches timed per round")
     args = p.parse_args(argv)
-    if not (args.simulate or args.throughput):
+    if not (args.simulate or args.throughput or args.http):
         args.simulate = args.throughput = True
+    if args.http:
+        http(args.rounds, args.chunk)
     if args.simulate:
         simulate()
     if args.throughput:
