@@ -23,6 +23,7 @@ from mae_scale.data.index import read_index, scan_tar
 from mae_scale.data.loader import build_loader
 from mae_scale.data.make_shards import ShardBuildError, make_shards
 from mae_scale.data.shards import read_manifest
+from mae_scale.data.verify import verify_shards
 
 TINY = dict(num_frames=4, stride=2, size=32, repeats=1, workers=0, shuffle_buffer=0)
 
@@ -120,6 +121,12 @@ def test_foreign_and_unindexed_shards_are_adopted_in_place_and_the_loader_trains
     assert {r["key"]: r["reason"] for r in rejects if r["key"]} == bad
     assert [(r["shard"], r["reason"]) for r in rejects if not r["key"]] == [("v2d/00002.tar", "bad_tar")]
     assert manifest.rejects == len(rejects)
+
+    # verify_shards checks it by the loader's rules for adopted sets: its faults are the rejects,
+    # not every .txt / .cls member or json without our fields
+    faults, summary = verify_shards(out)
+    assert {f.key: f.reason for f in faults} == bad, [str(f) for f in faults]
+    assert summary["samples"] == manifest.total_samples and summary["unindexed"] == 0
 
     loader = build_loader(DataConfig(shards=str(out), max_bad_ratio=0.5, **TINY), batch_size=1, seed=0)
     batches = [batch for _, batch in zip(range(2 * len(good)), loader, strict=False)]  # two epochs

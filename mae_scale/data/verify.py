@@ -7,6 +7,13 @@ per-sample index (index.py) is checked against the tar's headers: `bad_index` (m
 malformed), `index_mismatch` (another name, size, count, or a sample's key, offset, length or
 frame count that the tar does not have). Shards without an index are no fault (older sets, other
 tools' shards); the summary counts them.
+
+An adopted set (`tools/index_shards.py`: other tools' tars, read in place) is checked by the rules
+the loader reads it with, not by our own format's: a sample needs a video member (any of
+`VIDEO_MEMBERS`), other members (`.txt`, `.cls`, ...) are no fault, a json is optional but must be
+an object whose `frames`, if it has one, the video agrees with; the video's frame count is checked
+against the index. So the faults of an adopted set are the samples the loader would skip (those
+`rejects.jsonl` listed at adoption, and any damage since).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from mae_scale.data.shards import (
     manifest_location,
     open_shard,
     read_manifest,
+    video_member,
 )
 from mae_scale.report import by_reason_rows, format_table, human_bytes, human_duration
 
@@ -72,9 +80,25 @@ def check_meta(meta: object) -> str | None:
     return None
 
 
-def verify_shard(job: tuple[ShardInfo, str, str, bool, VideoLimits]) -> tuple[list[Fault], int, list[str]]:
-    """Faults of one shard (its index too, at `index_url` unless ""), its sample count and its keys."""
-    shard, url, index_url, decode, limits = job
+def adopted_meta(members: dict[str, bytes]) -> dict:
+    """An adopted sample's json as the loader takes it: optional; an object; `frames` optional."""
+    if "json" not in members:
+        return {}
+    meta = json.loads(members["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    want = meta.get("frames")
+    if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 1):
+        raise ValueError(f"'frames' is {want!r}, not a positive int")
+    return meta
+
+
+def verify_shard(
+    job: tuple[ShardInfo, str, str, bool, VideoLimits, bool],
+) -> tuple[list[Fault], int, list[str]]:
+    """Faults of one shard (its index too, at `index_url` unless ""), its sample count and its keys.
+    `adopted`: checked by the rules for other tools' shards (the module's docstring)."""
+    shard, url, index_url, decode, limits, adopted = job
     faults: list[Fault] = []
     keys: list[str] = []
     frames: dict[str, int] = {}  # from each sample's json, for the index check
@@ -98,6 +122,9 @@ def verify_shard(job: tuple[ShardInfo, str, str, bool, VideoLimits]) -> tuple[li
                     break
                 continue
             keys.append(sample.key)
+            if adopted:
+                check_adopted(sample, decode, limits, fault, frames)
+                continue
             for ext in sample.extra:
                 fault(
                     sample.key,
@@ -151,6 +178,35 @@ def verify_shard(job: tuple[ShardInfo, str, str, bool, VideoLimits]) -> tuple[li
     if index_url and not any(f.reason in ("bad_tar", "unreadable_shard") for f in faults):
         faults += check_index(shard, url, index_url, frames)
     return faults, count, keys
+
+
+def check_adopted(sample, decode: bool, limits: VideoLimits, fault, frames: dict[str, int]) -> None:
+    """One sample of an adopted shard; its probed frame count goes to `frames` (for the index)."""
+    video = video_member(sample.members)
+    if video is None:
+        others = ", ".join("." + e for e in [*sample.members, *sample.extra]) or "none"
+        fault(sample.key, "no_video_member", f"members: {others}")
+        return
+    try:
+        meta = adopted_meta(sample.members)
+    except ValueError as exc:
+        fault(sample.key, "bad_json", str(exc))
+        return
+    if not decode:
+        return
+    try:
+        info = probe(sample.members[video], limits)
+    except BadVideo as exc:
+        fault(sample.key, exc.reason, exc.detail)
+        return
+    if meta.get("frames") is not None and meta["frames"] != info.frames:
+        fault(
+            sample.key,
+            "frames_mismatch",
+            f"its json says {meta['frames']} frames, the video has {info.frames}",
+        )
+        return
+    frames[sample.key] = info.frames
 
 
 def check_index(shard: ShardInfo, url: str, index_url: str, frames: dict[str, int]) -> list[Fault]:
@@ -218,8 +274,9 @@ def verify_shards(
             "faults": 1,
         }
     location = manifest_location(shards)
+    adopted = bool(manifest.build.get("adopted"))
     jobs = [
-        (s, url, beside_manifest(location, s.index) if s.index else "", decode, limits)
+        (s, url, beside_manifest(location, s.index) if s.index else "", decode, limits, adopted)
         for s, url in zip(manifest.shards, urls, strict=True)
     ]
     if workers > 0:
