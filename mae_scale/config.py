@@ -119,7 +119,9 @@ class LogConfig:
     wandb_project: str = "mae-scale"
     image_every_steps: int = 0  # also draw RUN/images/step_N.png every N steps (0: only at the end)
     peak_tflops: float = 0.0  # device peak for MFU; 0: datasheet value, or a measured matmul on CPU
-    sample_keys: bool = False  # write the sample keys of every step to RUN/samples_rank<r>.jsonl
+    # write each micro-batch's sample keys to RUN/samples_rank<r>.jsonl, one line per batch:
+    # {"step": optimizer steps done before it (0 for the first), "keys": [...], "skipped": bool}
+    sample_keys: bool = False
 
 
 @dataclass
