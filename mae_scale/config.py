@@ -65,7 +65,7 @@ class DataConfig:
     repeats: int = 4  # clips per decoded video (repeated sampling)
     repeat_span: str = "clip"  # one window decoded, R crops of it | "video": R independent times (mae_st)
     workers: int = 2  # DataLoader worker processes per rank
-    shuffle_buffer: int = 64  # samples in the shuffle buffer per worker
+    shuffle_buffer: int = 64  # block of a stream's samples shuffled together (plan.py's block shuffle)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop relative area
     crop_aspect: tuple[float, float] = (0.75, 1.3333)  # random resized crop aspect ratio
     flip: bool = True  # random horizontal flip

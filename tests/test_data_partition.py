@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mae_scale.config import DataConfig
+from mae_scale.data import reader as reader_module
 from mae_scale.data import source
 from mae_scale.data.index import read_index, write_index
 from mae_scale.data.loader import DataStateError, build_loader
@@ -151,7 +152,7 @@ def test_pipe_sources_read_only_the_shards_they_need(two_shards, caplog):
     manifest, _ = read_manifest(two_shards)
     with caplog.at_level(logging.WARNING, logger="mae_scale.data.loader"):
         streams, counts = read_epoch(f"pipe:cat {two_shards}/manifest.json", 4, 1)
-    assert "cannot seek (pipe:)" in caplog.text
+    assert "cannot seek (pipe:" in caplog.text
     assert sorted(k for s in streams for k in s) == all_keys(two_shards)
     assert counts.index_bytes == 0 and counts.bytes / manifest.total_bytes <= math.ceil(4 / 2)
     assert counts.opens == 4  # each of the 4 streams' ranges lies in one shard: 4 opens, not 4 x 2
@@ -265,10 +266,16 @@ SERVER = Path(__file__).resolve().parent / "scripts" / "http_server.py"
 
 
 @contextlib.contextmanager
-def http_server(root: Path, log: Path, drops: Sequence[str] = (), stalls: Sequence[str] = ()):
-    """A real HTTP server (the standard library's, with byte ranges) on 127.0.0.1, for this block only."""
-    cmd = [sys.executable, str(SERVER), str(root), "--log", str(log)]
-    cmd += [f"--drop={d}" for d in drops] + [f"--stall={d}" for d in stalls]
+def http_server(root: Path, log: Path, *, plain: bool = False, **faults: Sequence[str]):
+    """A real HTTP server on 127.0.0.1, for this block only: the standard library's with byte ranges
+    and `faults` (drops=, stalls=, drop_first=: tests/scripts/http_server.py), or `plain`: the bare
+    `python -m http.server`, which answers a range request with the whole file."""
+    if plain:
+        cmd = [sys.executable, "-u", "-c", PLAIN_SERVER, str(root)]
+    else:
+        cmd = [sys.executable, str(SERVER), str(root), "--log", str(log)]
+        flag = {"drops": "--drop", "stalls": "--stall", "drop_first": "--drop-first"}
+        cmd += [f"{flag[kind]}={d}" for kind, ds in faults.items() for d in ds]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -278,8 +285,22 @@ def http_server(root: Path, log: Path, drops: Sequence[str] = (), stalls: Sequen
         proc.wait(timeout=30)
 
 
+PLAIN_SERVER = """
+import functools, http.server, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
 def requests(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(reader_module, "RETRY_WAIT_S", 0.01)
 
 
 def test_http_shards_are_read_in_byte_ranges_each_sample_once(two_shards, tmp_path, monkeypatch):
@@ -313,7 +334,7 @@ def test_http_shards_are_read_in_byte_ranges_each_sample_once(two_shards, tmp_pa
         assert sorted(seen) == all_keys(two_shards)
 
 
-def test_a_server_dropping_the_connection_mid_shard_is_a_counted_fault(two_shards, tmp_path):
+def test_a_server_dropping_the_connection_mid_shard_is_a_counted_fault(two_shards, tmp_path, quick_retries):
     manifest, _ = read_manifest(two_shards)
     victim = manifest.shards[0].name
     with http_server(two_shards, tmp_path / "log.jsonl", drops=[f"{victim}:3000"]) as url:
@@ -333,20 +354,76 @@ def test_a_server_dropping_the_connection_mid_shard_is_a_counted_fault(two_shard
     assert {b["keys"][0] for b in batches} <= good  # what trains comes from the shard still served
 
 
-def test_a_server_that_stalls_mid_shard_is_a_counted_fault_not_a_hang(two_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("streams", [1, 4])  # a whole-shard GET, ranged GETs of runs mid-shard
+def test_a_server_that_stalls_mid_shard_is_a_counted_fault_not_a_hang(
+    two_shards, tmp_path, monkeypatch, streams, quick_retries
+):
     """A GET that sends part of a run and then nothing, with the connection held open: the read times
-    out (`source.HTTP_TIMEOUT_S`, shortened here), its samples are counted as faults, and the epoch
-    goes on with the other shard."""
+    out (`source.HTTP_TIMEOUT_S`, shortened here), is asked again (RETRIES, 1 here), stalls again,
+    and its samples are counted as faults; the epoch goes on with the other shard."""
     manifest, _ = read_manifest(two_shards)
     victim = manifest.shards[0].name
     monkeypatch.setattr(source, "HTTP_TIMEOUT_S", {"sock_connect": 5.0, "sock_read": 1.0})
-    with http_server(two_shards, tmp_path / "log.jsonl", stalls=[f"{victim}:3000"]) as url:
-        stream_keys, counts = read_epoch(f"{url}/manifest.json", 1, 1, faults=True)
-    lost = [k for k in stream_keys[0] if k.startswith("!")]
+    monkeypatch.setattr(reader_module, "RETRIES", 1)
+    log = tmp_path / "log.jsonl"
+    with http_server(two_shards, log, stalls=[f"{victim}:3000"]) as url:
+        stream_keys, counts = read_epoch(f"{url}/manifest.json", streams, 1, faults=True)
+    lost = [k for keys in stream_keys for k in keys if k.startswith("!")]
     assert len(lost) == manifest.shards[0].samples and all("bad_tar" in k for k in lost), stream_keys
-    kept = sorted(k for k in stream_keys[0] if not k.startswith("!"))
+    kept = sorted(k for keys in stream_keys for k in keys if not k.startswith("!"))
     assert kept == sorted(s.key for s in read_index(str(two_shards / manifest.shards[1].index)).samples)
     assert any(victim in k and "Timeout" in k for k in lost), lost[:1]
+    gets = [r for r in requests(log) if r["method"] == "GET" and r["path"].endswith(victim)]
+    assert counts.notes["retried_read"] >= 1 and len(gets) >= 2 and any(r["range"] for r in gets)
+
+
+# whole shards (a GET without a range; tarfile takes 10,240-byte records), or runs mid-shard
+@pytest.mark.parametrize(("streams", "drop_at"), [(1, 12_000), (4, 5000)])
+def test_a_dropped_connection_is_asked_again_from_the_sample_it_stopped_at(
+    two_shards, tmp_path, streams, drop_at, quick_retries
+):
+    """The first GET of a shard dies mid-shard (a blip): the reader asks again with a range
+    from the first sample it has not read, and the epoch loses nothing."""
+    manifest, _ = read_manifest(two_shards)
+    victim = manifest.shards[0].name
+    log = tmp_path / "log.jsonl"
+    with http_server(two_shards, log, drop_first=[f"{victim}:{drop_at}"]) as url:
+        stream_keys, counts = read_epoch(f"{url}/manifest.json", streams, 1, faults=True)
+    assert sorted(k for keys in stream_keys for k in keys) == all_keys(two_shards)
+    assert counts.notes["retried_read"] == 1, counts.notes
+    gets = [r for r in requests(log) if r["method"] == "GET" and r["path"].endswith(victim)]
+    # the retry is a range from a sample's first byte: the first one the dropped GET did not bring
+    # (aiohttp may drop what it had buffered when the connection broke, so it can be sample 0)
+    offsets = {span.offset for span in read_index(str(two_shards / manifest.shards[0].index)).samples}
+    assert gets[1]["range"] and int(gets[1]["range"][6:].split("-")[0]) in offsets
+
+
+@pytest.mark.parametrize("streams", [1, 4])
+def test_a_connection_that_keeps_dropping_costs_only_the_samples_not_read(
+    two_shards, tmp_path, streams, quick_retries
+):
+    """Every GET of a shard dies after 3,000 bytes: after RETRIES more requests per run the samples
+    not read are faults (named by the index), the others train; no hang, no crash."""
+    manifest, _ = read_manifest(two_shards)
+    victim = manifest.shards[0].name
+    with http_server(two_shards, tmp_path / "log.jsonl", drops=[f"{victim}:3000"]) as url:
+        stream_keys, counts = read_epoch(f"{url}/manifest.json", streams, 1, faults=True)
+    lost = [k for keys in stream_keys for k in keys if k.startswith("!")]
+    kept = {k for keys in stream_keys for k in keys if not k.startswith("!")}
+    assert lost and all(k.startswith("!bad_tar") and victim in k for k in lost), lost
+    assert len(lost) + len(kept) == manifest.total_samples and kept <= set(all_keys(two_shards))
+    assert counts.notes["retried_read"] >= reader_module.RETRIES
+
+
+def test_a_server_without_range_requests_is_read_from_the_start(two_shards, tmp_path):
+    """`python -m http.server` answers a range request with 200 and the whole file: the reader notes
+    it once for the host and reads that host's shards from their start; every sample once."""
+    manifest, _ = read_manifest(two_shards)
+    with http_server(two_shards, tmp_path / "log.jsonl", plain=True) as url:
+        stream_keys, counts = read_epoch(f"{url}/manifest.json", 4, 1)
+    assert sorted(k for keys in stream_keys for k in keys) == all_keys(two_shards)
+    assert counts.notes["no_range_requests"] >= 1 and url in counts.examples["no_range_requests"]
+    assert counts.bytes > manifest.total_bytes * 1.05  # streams that start mid-shard read its first part
 
 
 def test_a_url_backend_without_streaming_reads_a_run_in_bounded_range_requests(monkeypatch):

@@ -580,7 +580,7 @@ def _warn_about_reads(manifest, urls: Sequence[str], slots: int, seed: int, sour
             why = f"{unindexed} of {len(manifest.shards)} shards have no per-sample index"
             fix = f"add one: python tools/index_shards.py {source} --out DIR (or rebuild with make_shards)"
         else:
-            why = "its shards come from a source that cannot seek (pipe:)"
+            why = "its shards come from a source that cannot seek (pipe:, or a URL with no fsspec backend)"
             fix = "serve them from a path, http(s) or an fsspec URL, with an index"
         log.warning(
             "%s: %s, so streams read those shards from their start: an epoch at %d streams reads about "

@@ -31,6 +31,10 @@ RANGE_CHUNK = 64 << 20  # bytes per range request of a backend without streaming
 HTTP_TIMEOUT_S = {"sock_connect": 30.0, "sock_read": 60.0}  # no total limit: a run may take minutes
 
 
+class RangeIgnored(OSError):
+    """A server answered a range request with something else (often 200 and the whole file)."""
+
+
 def is_pipe(url: str) -> bool:
     return url.startswith("pipe:")
 
@@ -98,6 +102,7 @@ class _Chunks(io.RawIOBase):
         self._fetch, self._pos, self._end, self._chunk = fetch, start, end, chunk
         self._on_bytes, self._close = on_bytes, close
         self._buf, self._at = b"", 0
+        self.error: Exception | None = None  # the source's failure, if a read failed (not the tar's)
 
     def readable(self) -> bool:
         return True
@@ -107,7 +112,11 @@ class _Chunks(io.RawIOBase):
             if self._end is not None and self._pos >= self._end:
                 return 0
             stop = self._pos + self._chunk if self._end is None else min(self._pos + self._chunk, self._end)
-            self._buf, self._at = self._fetch(self._pos, stop), 0
+            try:
+                self._buf, self._at = self._fetch(self._pos, stop), 0
+            except Exception as exc:
+                self.error = exc
+                raise
             if not self._buf:
                 return 0
             self._pos += len(self._buf)
@@ -175,9 +184,9 @@ def _http_stream(
     got = response.headers.get("Content-Range", "")
     if ranged and (response.status != 206 or not got.startswith(f"bytes {start}-")):
         f.close()
-        raise OSError(
+        raise RangeIgnored(
             f"{what}: the server answered {response.status} {got or '(no Content-Range)'} to a range "
-            "request (a server must do byte ranges to be read mid-shard)"
+            "request (it cannot be read mid-shard: its shards are read from their start)"
         )
 
     def read_http(a: int, b: int) -> bytes:

@@ -1,6 +1,7 @@
 """`python -m http.server` with byte ranges, a request log and a way to drop connections (tests only).
 
     python tests/scripts/http_server.py DIR --log requests.jsonl [--drop NAME:BYTES] [--stall NAME:BYTES]
+        [--drop-first NAME:BYTES]
 
 The standard library's `http.server` (Python 3.11) ignores `Range` headers; this is its handler
 with single-range requests added (206 + Content-Range), as object stores and web servers answer.
@@ -8,6 +9,7 @@ Prints the port it listens on (127.0.0.1, chosen by the OS) as its first line. E
 to the log as one JSON line. `--drop NAME:BYTES`: a GET of file NAME sends its headers, then
 BYTES bytes of the body, then closes the connection (a server dying mid-shard). `--stall NAME:BYTES`:
 the same, but it keeps the connection open and sends nothing more (a server that hangs mid-shard).
+`--drop-first NAME:BYTES`: only the first GET of NAME is dropped so (a blip: a retry gets it all).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     log_path = ""
     drops: dict[str, int] = {}
     stalls: dict[str, int] = {}
+    drop_first: dict[str, int] = {}  # emptied as each first GET is dropped
 
     def send_head(self):
         path = self.translate_path(self.path)
@@ -62,6 +65,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
         name = os.path.basename(self.path)
         stall = self.stalls.get(name)
         limit = self.drops.get(name, stall)
+        if limit is None:
+            limit = self.drop_first.pop(name, None)
         left = self._left if limit is None else min(self._left, limit)
         while left > 0:
             chunk = source.read(min(left, 1 << 16))
@@ -90,10 +95,12 @@ def main() -> int:
     p.add_argument("--log", default="")
     p.add_argument("--drop", action="append", default=[], help="NAME:BYTES")
     p.add_argument("--stall", action="append", default=[], help="NAME:BYTES")
+    p.add_argument("--drop-first", action="append", default=[], help="NAME:BYTES")
     args = p.parse_args()
     RangeHandler.log_path = args.log
     RangeHandler.drops = {name: int(n) for name, n in (d.rsplit(":", 1) for d in args.drop)}
     RangeHandler.stalls = {name: int(n) for name, n in (d.rsplit(":", 1) for d in args.stall)}
+    RangeHandler.drop_first = {name: int(n) for name, n in (d.rsplit(":", 1) for d in args.drop_first)}
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=args.root))
     print(server.server_address[1], flush=True)
     try:
