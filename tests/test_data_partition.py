@@ -182,6 +182,20 @@ def test_a_stale_index_is_noted_and_the_shard_read_from_its_start(two_shards, tm
     assert counts.notes["bad_index"] >= 1 and "is not" in counts.examples["bad_index"]
 
 
+def test_a_truncated_local_shard_costs_its_lost_samples_at_once_without_retries(two_shards, tmp_path):
+    """A tar cut short after its index was written: the samples past the cut are faults, named by
+    the index; a file that ends early is not asked again (retries are for sources that fail)."""
+    cut = tmp_path / "cut"
+    shutil.copytree(two_shards, cut)
+    manifest, _ = read_manifest(cut)
+    victim = cut / manifest.shards[0].name
+    victim.write_bytes(victim.read_bytes()[:9000])  # two whole samples of five, and part of a third
+    streams, counts = read_epoch(cut, 4, 1, faults=True)
+    lost = [k for keys in streams for k in keys if k.startswith("!")]
+    assert len(lost) == 3 and all(k.startswith("!bad_tar") for k in lost), lost
+    assert "retried_read" not in counts.notes
+
+
 def test_verify_checks_each_index_against_its_tar(two_shards, tmp_path):
     assert verify_shards(two_shards, decode=False)[0] == []
     bad = stale(two_shards, tmp_path / "stale")

@@ -34,7 +34,7 @@ import numpy as np
 from mae_scale.data.index import ShardIndex, ShardIndexError, read_index
 from mae_scale.data.plan import runs
 from mae_scale.data.shards import RawSample, iter_tar
-from mae_scale.data.source import RangeIgnored, can_seek, open_range, open_stream
+from mae_scale.data.source import RangeIgnored, ShortFile, can_seek, open_range, open_stream
 
 RETRIES = 2  # requests again of a run whose source failed mid-way, from the sample where it stopped
 RETRY_WAIT_S = 1.0  # seconds before retry a: a * RETRY_WAIT_S
@@ -150,7 +150,8 @@ class ShardReader:
                         _close_quietly(f)
                     if lost is None and k < k1:
                         lost = ("bad_tar", f"{ref.url}: bytes of samples [{k0}, {k1}) ended after {k - k0}")
-                    again = getattr(f, "error", None) is not None  # the source failed, not the tar
+                    error = getattr(f, "error", None)  # the source failed (not the tar), not for good
+                    again = error is not None and not isinstance(error, ShortFile)
                 if stale:
                     self.counts.note(
                         "bad_index",

@@ -31,6 +31,10 @@ RANGE_CHUNK = 64 << 20  # bytes per range request of a backend without streaming
 HTTP_TIMEOUT_S = {"sock_connect": 30.0, "sock_read": 60.0}  # no total limit: a run may take minutes
 
 
+class ShortFile(OSError):
+    """A local file that ends before the bytes its index promises (truncated): asking again won't help."""
+
+
 class RangeIgnored(OSError):
     """A server answered a range request with something else (often 200 and the whole file)."""
 
@@ -145,7 +149,7 @@ def open_range(url: str, start: int, end: int, on_bytes: Callable[[int], None] |
         def read_file(a: int, b: int) -> bytes:
             data = f.read(b - a)
             if len(data) < b - a:
-                raise OSError(f"{url}: ends before byte {b} (read [{a}, {a + len(data)}))")
+                raise ShortFile(f"{url}: ends before byte {b} (read [{a}, {a + len(data)}))")
             return data
 
         return _Chunks(read_file, start, end, LOCAL_CHUNK, on_bytes, f.close)
