@@ -223,3 +223,19 @@ def test_at_scale_a_resume_1024_768_1280_streams_continues_the_epoch_exactly():
     fresh = EpochPlan(counts, 0, 1280, block)
     assert last.tag(2) == FRESH
     assert all(np.array_equal(last.positions(2, t), fresh.positions(2, t)) for t in range(1280))
+
+
+def test_read_cost_takes_seekability_per_shard():
+    """A set where only some shards have an index (or a source that seeks): the estimate lies between
+    all and none, and all-True / all-False per shard equal the single flags."""
+    counts, sizes = manifest(1000)
+    cost = {
+        flag: fresh_read_cost(counts, sizes, 0, 0, 1280, seekable=flag).bytes.sum() for flag in (True, False)
+    }
+    every = [
+        fresh_read_cost(counts, sizes, 0, 0, 1280, seekable=[flag] * 1000).bytes.sum()
+        for flag in (True, False)
+    ]
+    assert every == [cost[True], cost[False]]
+    half = fresh_read_cost(counts, sizes, 0, 0, 1280, seekable=[k % 2 == 0 for k in range(1000)]).bytes.sum()
+    assert cost[True] < half < cost[False]

@@ -574,7 +574,8 @@ def _warn_about_reads(manifest, urls: Sequence[str], slots: int, seed: int, sour
     unindexed = sum(1 for s in manifest.shards if not s.index)
     if unindexed or not seekable:
         counts, sizes = [s.samples for s in manifest.shards], [s.bytes for s in manifest.shards]
-        read = fresh_read_cost(counts, sizes, seed, 0, slots, seekable=False).bytes.sum()
+        seeks = [bool(s.index) and can_seek(url) for s, url in zip(manifest.shards, urls, strict=True)]
+        read = fresh_read_cost(counts, sizes, seed, 0, slots, seekable=seeks).bytes.sum()
         factor = read / max(1, manifest.total_bytes)
         if seekable:
             why = f"{unindexed} of {len(manifest.shards)} shards have no per-sample index"

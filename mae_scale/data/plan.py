@@ -328,13 +328,20 @@ class ReadCost:
 
 
 def fresh_read_cost(
-    counts: Sequence[int], shard_bytes: Sequence[int], seed: int, epoch: int, streams: int, *, seekable: bool
+    counts: Sequence[int],
+    shard_bytes: Sequence[int],
+    seed: int,
+    epoch: int,
+    streams: int,
+    *,
+    seekable: bool | Sequence[bool],
 ) -> ReadCost:
     """Bytes and opens per stream for a whole epoch, vectorized (10,000 streams in milliseconds).
 
     Sample sizes are taken as uniform within a shard (its bytes / samples): exact for the simulated
-    sets, an estimate for real ones. `seekable`: an index and a source that seeks, so a stream reads
-    exactly its samples; otherwise it reads each shard it needs from the start up to its last sample.
+    sets, an estimate for real ones. `seekable` (for all shards, or per manifest shard): an index and
+    a source that seeks, so a stream reads exactly its samples; otherwise it reads each shard it
+    needs from the start up to its last sample.
     """
     counts = np.asarray(counts, dtype=np.int64)
     layout = Layout.of(counts, seed, epoch)
@@ -349,13 +356,16 @@ def fresh_read_cost(
     first = np.searchsorted(layout.ends, lo, side="right")  # place of each stream's first sample
     last = np.searchsorted(layout.ends, np.maximum(hi - 1, 0), side="right")
     first, last = np.minimum(first, len(counts) - 1), np.minimum(last, len(counts) - 1)
-    begin = byte_at(lo, first) if seekable else start_bytes[first]
+    seeks = np.broadcast_to(np.asarray(seekable, dtype=bool), counts.shape)[layout.order]  # (K,) placed
+    begin = np.where(seeks[first], byte_at(lo, first), start_bytes[first])
     read = np.where(has, byte_at(hi, last) - begin, 0.0)
     opens = np.where(has, last - first + 1, 0)
     # a shard read whole needs no index: only the first and last shard of a range can be partial
     partial_first = (lo > layout.starts[first]) | ((first == last) & (hi < layout.ends[first]))
     partial_last = (last != first) & (hi < layout.ends[last])
-    index_reads = np.where(has & seekable, partial_first.astype(np.int64) + partial_last, 0)
+    index_reads = np.where(
+        has, (partial_first & seeks[first]).astype(np.int64) + (partial_last & seeks[last]), 0
+    )
     return ReadCost(read, opens, hi - lo, index_reads)
 
 
