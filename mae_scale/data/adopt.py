@@ -74,6 +74,7 @@ from mae_scale.data.shards import (
     HashingReader,
     Manifest,
     ShardInfo,
+    adopted_meta,
     is_url,
     is_video_member,
     open_shard,
@@ -176,14 +177,9 @@ def index_shard(task: IndexTask) -> dict[str, Any]:
         if problem is None and video is None:
             problem = ("no_video_member", f"members: {', '.join('.' + e for e in sample.exts)}")
         want = None  # frames the json claims
-        if problem is None and "json" in sample.members:
+        if problem is None:
             try:
-                meta = json.loads(sample.members["json"])
-                if not isinstance(meta, dict):
-                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-                want = meta.get("frames")
-                if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 1):
-                    raise ValueError(f"'frames' is {want!r}, not a positive int")
+                want = adopted_meta(sample.members).get("frames")
             except ValueError as exc:
                 problem = ("bad_json", str(exc))
         if problem is None:

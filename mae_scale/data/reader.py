@@ -105,8 +105,7 @@ class ShardReader:
     def _ranges(self, ref: ShardRef, wanted: np.ndarray) -> Iterator[RawSample]:
         index, duplicates = self._index(ref)
         if index is None:
-            done, lost = yield from self._from_start(ref, wanted)
-            yield from _lost(wanted[done:], lost)
+            yield from self._from_start_or_lost(ref, wanted)
             return
         spans = index.samples
         for k0, k1 in runs(wanted):
@@ -118,9 +117,7 @@ class ShardReader:
                 except RangeIgnored as exc:  # this host cannot be read mid-shard: from the start, always
                     self._no_ranges.add(_host(ref.url))
                     self.counts.note("no_range_requests", str(exc))
-                    rest = wanted[wanted >= k]
-                    done, lost = yield from self._from_start(ref, rest)
-                    yield from _lost(rest[done:], lost)
+                    yield from self._from_start_or_lost(ref, wanted[wanted >= k])
                     return
                 except FileNotFoundError as exc:
                     lost = ("unreadable_shard", f"{ref.url}: {exc}")
@@ -160,9 +157,7 @@ class ShardReader:
                         else f"{ref.index}: run [{k0}, {k1}) holds more samples",
                     )
                     self._indices[ref.index] = (None, set())
-                    rest = wanted[wanted >= k]
-                    done, lost = yield from self._from_start(ref, rest)
-                    yield from _lost(rest[done:], lost)
+                    yield from self._from_start_or_lost(ref, wanted[wanted >= k])
                     return
                 if lost is None:
                     break
@@ -173,6 +168,11 @@ class ShardReader:
                     continue
                 yield from _lost(np.arange(k, k1), lost, spans)
                 break
+
+    def _from_start_or_lost(self, ref: ShardRef, wanted: np.ndarray) -> Iterator[RawSample]:
+        """`_from_start`, then a fault for each wanted sample it could not read: one item each."""
+        done, lost = yield from self._from_start(ref, wanted)
+        yield from _lost(wanted[done:], lost)
 
     def _from_start(
         self, ref: ShardRef, wanted: np.ndarray

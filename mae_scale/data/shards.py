@@ -157,6 +157,20 @@ def video_member(members: dict[str, bytes]) -> str | None:
     return min(found, key=lambda ext: (VIDEO_MEMBERS.index(ext.lower().rpartition(".")[2]), ext))
 
 
+def adopted_meta(members: dict[str, bytes]) -> dict:
+    """A sample's json by the rules for other tools' shards (adopt, verify): optional (then {}),
+    an object, its `frames` absent or a positive int. ValueError names what is wrong."""
+    if "json" not in members:
+        return {}
+    meta = json.loads(members["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    want = meta.get("frames")
+    if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 1):
+        raise ValueError(f"'frames' is {want!r}, not a positive int")
+    return meta
+
+
 def split_key(name: str) -> tuple[str | None, str | None]:
     """webdataset's naming rule: the key is the path up to the first dot of the file name."""
     folder, _, base = name.rpartition("/")

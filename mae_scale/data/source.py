@@ -14,8 +14,7 @@
 Every reader can count the bytes it hands to its consumer, the tar parser (`on_bytes`): that is how
 the loader measures what an epoch reads. A reader fetches at most one chunk ahead of that (256 KiB
 from a file or a pipe, 1 MiB over http, `RANGE_CHUNK` from another backend, never past the end of
-a range). A
-failed read raises `OSError` naming the URL and the byte range.
+a range). A failed read raises `OSError` naming the URL and the byte range.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from mae_scale.data.shards import (
     HashingReader,
     ManifestError,
     ShardInfo,
+    adopted_meta,
     beside_manifest,
     is_url,
     iter_tar,
@@ -78,19 +79,6 @@ def check_meta(meta: object) -> str | None:
     if meta["frames"] < 1 or meta["fps"] <= 0:
         return f"frames={meta['frames']}, fps={meta['fps']}"
     return None
-
-
-def adopted_meta(members: dict[str, bytes]) -> dict:
-    """An adopted sample's json as the loader takes it: optional; an object; `frames` optional."""
-    if "json" not in members:
-        return {}
-    meta = json.loads(members["json"])
-    if not isinstance(meta, dict):
-        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-    want = meta.get("frames")
-    if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 1):
-        raise ValueError(f"'frames' is {want!r}, not a positive int")
-    return meta
 
 
 def verify_shard(
